@@ -1,0 +1,111 @@
+// The pybind11 module fusedopt._C: the only file that knows Python.
+//
+// It receives raw addresses and element counts that fusedopt/_backend.py has
+// validated, converts them once, and releases the GIL while kernels run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/driver.h"
+#include "fusedopt/chunk_plan.h"
+#include "fusedopt/step_args.h"
+
+namespace py = pybind11;
+using fusedopt::AdamStepArgs;
+using fusedopt::SgdwStepArgs;
+
+using Numels = std::vector<int64_t>;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedopt compiled core: multi-tensor optimizer kernels on raw pointers";
+
+  py::enum_<fusedopt::ScalarType>(m, "ScalarType")
+      .value("float32", fusedopt::ScalarType::kFloat32)
+      .value("bfloat16", fusedopt::ScalarType::kBFloat16)
+      .value("float16", fusedopt::ScalarType::kFloat16);
+  py::enum_<fusedopt::WeightDecay>(m, "WeightDecay")
+      .value("none", fusedopt::WeightDecay::kNone)
+      .value("l2", fusedopt::WeightDecay::kL2)
+      .value("decoupled", fusedopt::WeightDecay::kDecoupled);
+  py::enum_<fusedopt::Momentum>(m, "Momentum")
+      .value("none", fusedopt::Momentum::kNone)
+      .value("first_step", fusedopt::Momentum::kFirstStep)
+      .value("running", fusedopt::Momentum::kRunning);
+
+  m.def(
+      "plan_chunks",
+      [](const Numels& numels, int64_t chunk_elements) {
+        std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
+        for (const auto& c : fusedopt::plan_chunks(numels, chunk_elements)) {
+          out.emplace_back(c.tensor, c.begin, c.end);
+        }
+        return out;
+      },
+      py::arg("numels"), py::arg("chunk_elements"),
+      "The (tensor, begin, end) chunks a step's work list is cut into (NOTE: [work list]).");
+  m.def(
+      "group_chunks_into_tasks",
+      [](const Numels& numels, int64_t chunk_elements, int64_t min_task_elements) {
+        return fusedopt::group_chunks_into_tasks(fusedopt::plan_chunks(numels, chunk_elements),
+                                                 min_task_elements);
+      },
+      py::arg("numels"), py::arg("chunk_elements"), py::arg("min_task_elements"),
+      "Task boundaries over the chunks of `numels`, as the CPU driver groups them.");
+
+  py::class_<AdamStepArgs>(m, "AdamStepArgs", "Pointers and hyperparameters of one Adam call")
+      .def(py::init<>())
+      .def_readwrite("params", &AdamStepArgs::params)
+      .def_readwrite("grads", &AdamStepArgs::grads)
+      .def_readwrite("exp_avgs", &AdamStepArgs::exp_avgs)
+      .def_readwrite("exp_avg_sqs", &AdamStepArgs::exp_avg_sqs)
+      .def_readwrite("max_exp_avg_sqs", &AdamStepArgs::max_exp_avg_sqs)
+      .def_readwrite("steps", &AdamStepArgs::steps)
+      .def_readwrite("numels", &AdamStepArgs::numels)
+      .def_readwrite("dtype", &AdamStepArgs::dtype)
+      .def_readwrite("lr", &AdamStepArgs::lr)
+      .def_readwrite("beta1", &AdamStepArgs::beta1)
+      .def_readwrite("beta2", &AdamStepArgs::beta2)
+      .def_readwrite("eps", &AdamStepArgs::eps)
+      .def_readwrite("weight_decay", &AdamStepArgs::weight_decay)
+      .def_readwrite("decay", &AdamStepArgs::decay)
+      .def_readwrite("amsgrad", &AdamStepArgs::amsgrad)
+      .def_readwrite("maximize", &AdamStepArgs::maximize);
+  py::class_<SgdwStepArgs>(m, "SgdwStepArgs", "Pointers and hyperparameters of one SGDW call")
+      .def(py::init<>())
+      .def_readwrite("params", &SgdwStepArgs::params)
+      .def_readwrite("grads", &SgdwStepArgs::grads)
+      .def_readwrite("momentum_buffers", &SgdwStepArgs::momentum_buffers)
+      .def_readwrite("numels", &SgdwStepArgs::numels)
+      .def_readwrite("dtype", &SgdwStepArgs::dtype)
+      .def_readwrite("lr", &SgdwStepArgs::lr)
+      .def_readwrite("momentum", &SgdwStepArgs::momentum)
+      .def_readwrite("dampening", &SgdwStepArgs::dampening)
+      .def_readwrite("weight_decay", &SgdwStepArgs::weight_decay)
+      .def_readwrite("momentum_mode", &SgdwStepArgs::momentum_mode)
+      .def_readwrite("nesterov", &SgdwStepArgs::nesterov)
+      .def_readwrite("maximize", &SgdwStepArgs::maximize);
+
+  py::module_ cpu = m.def_submodule("cpu", "C++ CPU kernels");
+  cpu.def("adam_step", &fusedopt::cpu::adam_step, py::arg("args"), py::arg("num_threads"),
+          py::call_guard<py::gil_scoped_release>(),
+          "One Adam/AdamW step over host tensors given by address: increments each fp32 step "
+          "counter in `args.steps`, then updates params and states in place.");
+  cpu.def("sgdw_step", &fusedopt::cpu::sgdw_step, py::arg("args"), py::arg("num_threads"),
+          py::call_guard<py::gil_scoped_release>(),
+          "One SGDW step over host tensors given by address, in place.");
+  cpu.def("active_isa", &fusedopt::cpu::active_isa,
+          "The instruction set whose kernels run here (FUSEDOPT_CPU_ISA overrides).");
+  cpu.def("compiled_isas", &fusedopt::cpu::compiled_isas,
+          "The instruction sets this build has kernels for.");
+
+#if defined(FUSEDOPT_WITH_CUDA)
+  m.attr("cuda_compiled") = true;
+  m.attr("cuda_archs") = std::string(FUSEDOPT_CUDA_ARCH_LIST);
+#else
+  m.attr("cuda_compiled") = false;
+  m.attr("cuda_archs") = std::string();
+#endif
+}

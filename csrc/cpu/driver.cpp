@@ -1,0 +1,156 @@
+// The CPU multi-tensor driver: plan chunks, group them into tasks, run the tasks on
+// the thread pool with the kernel chosen for this CPU, dtype and optimizer modes.
+#include "driver.h"
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace fusedopt::cpu {
+namespace {
+
+// 16Ki elements: a chunk's slices of all lists (up to 5 x 64 KiB in fp32) stay in
+// L2 while it is processed, and a large tensor splits across threads.
+constexpr int64_t kChunkElements = 16384;
+// A task is worth waking a thread for once it moves about a megabyte.
+constexpr int64_t kMinTaskElements = 32768;
+
+const KernelTable* find_table(const std::string& isa) {
+  if (isa == "baseline") return &baseline::kernel_table();
+#if defined(FUSEDOPT_X86_ISA_VARIANTS)
+  if (isa == "avx2") return &avx2::kernel_table();
+  if (isa == "avx512") return &avx512::kernel_table();
+#endif
+  return nullptr;
+}
+
+bool cpu_supports(const std::string& isa) {
+#if defined(FUSEDOPT_X86_ISA_VARIANTS)
+  __builtin_cpu_init();
+  if (isa == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }
+  if (isa == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+#endif
+  return isa == "baseline";
+}
+
+// The best ISA this CPU runs, or the one FUSEDOPT_CPU_ISA names (used by the
+// tests to run every variant on one machine).
+const KernelTable& select_table() {
+  const char* requested = std::getenv("FUSEDOPT_CPU_ISA");
+  if (requested != nullptr && *requested != '\0') {
+    const std::string isa(requested);
+    const KernelTable* table = find_table(isa);
+    if (table == nullptr) {
+      throw std::invalid_argument("FUSEDOPT_CPU_ISA=" + isa +
+                                  " is not compiled in; compiled: baseline" +
+#if defined(FUSEDOPT_X86_ISA_VARIANTS)
+                                  std::string(", avx2, avx512"));
+#else
+                                  std::string());
+#endif
+    }
+    if (!cpu_supports(isa)) {
+      throw std::invalid_argument("FUSEDOPT_CPU_ISA=" + isa + " but this CPU does not support it");
+    }
+    return *table;
+  }
+  for (const char* isa : {"avx512", "avx2"}) {
+    if (find_table(isa) != nullptr && cpu_supports(isa)) return *find_table(isa);
+  }
+  return baseline::kernel_table();
+}
+
+const KernelTable& table() {
+  static const KernelTable& selected = select_table();
+  return selected;
+}
+
+struct WorkPlan {
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> task_bounds;
+};
+
+WorkPlan plan_work(const std::vector<int64_t>& numels) {
+  WorkPlan plan;
+  plan.chunks = plan_chunks(numels, kChunkElements);
+  plan.task_bounds = group_chunks_into_tasks(plan.chunks, kMinTaskElements);
+  return plan;
+}
+
+template <typename KernelArgs, typename Kernel>
+void run(const WorkPlan& plan, int num_threads, const KernelArgs& args, Kernel kernel) {
+  const int64_t num_tasks = static_cast<int64_t>(plan.task_bounds.size()) - 1;
+  ThreadPool::instance().parallel_for(num_tasks, num_threads, [&](int64_t task) {
+    for (int64_t c = plan.task_bounds[task]; c < plan.task_bounds[task + 1]; ++c) {
+      kernel(args, plan.chunks[c]);
+    }
+  });
+}
+
+void check_list(const std::vector<uintptr_t>& list, size_t expected, const char* name) {
+  if (list.size() != expected) {
+    throw std::invalid_argument(std::string(name) + " has " + std::to_string(list.size()) +
+                                " entries, expected " + std::to_string(expected));
+  }
+}
+
+template <typename T>
+void* const* as_pointers(const std::vector<T>& list) {
+  static_assert(sizeof(T) == sizeof(void*), "pointer lists hold one address per tensor");
+  return list.empty() ? nullptr : reinterpret_cast<void* const*>(list.data());
+}
+
+}  // namespace
+
+void adam_step(const AdamStepArgs& args, int num_threads) {
+  const size_t n = args.numels.size();
+  check_list(args.params, n, "params");
+  check_list(args.grads, n, "grads");
+  check_list(args.exp_avgs, n, "exp_avgs");
+  check_list(args.exp_avg_sqs, n, "exp_avg_sqs");
+  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs");
+  check_list(args.steps, n, "steps");
+  const AdamChunkKernel kernel =
+      table().adam(args.dtype, args.decay, args.amsgrad, args.maximize);
+  const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
+  const std::vector<AdamScalars> scalars = advance_adam_steps(args);
+  const AdamKernelArgs kernel_args{as_pointers(args.params),      as_pointers(args.grads),
+                                   as_pointers(args.exp_avgs),    as_pointers(args.exp_avg_sqs),
+                                   as_pointers(args.max_exp_avg_sqs), scalars.data()};
+  run(plan, num_threads, kernel_args, kernel);
+}
+
+void sgdw_step(const SgdwStepArgs& args, int num_threads) {
+  const size_t n = args.numels.size();
+  check_list(args.params, n, "params");
+  check_list(args.grads, n, "grads");
+  check_list(args.momentum_buffers, args.momentum_mode == Momentum::kNone ? 0 : n,
+             "momentum_buffers");
+  const SgdwChunkKernel kernel = table().sgdw(args.dtype, args.weight_decay != 0.0,
+                                              args.momentum_mode, args.nesterov, args.maximize);
+  const SgdwKernelArgs kernel_args{as_pointers(args.params), as_pointers(args.grads),
+                                   as_pointers(args.momentum_buffers), sgdw_scalars(args)};
+  run(plan_work(args.numels), num_threads, kernel_args, kernel);
+}
+
+std::string active_isa() { return table().isa; }
+
+std::vector<std::string> compiled_isas() {
+#if defined(FUSEDOPT_X86_ISA_VARIANTS)
+  return {"baseline", "avx2", "avx512"};
+#else
+  return {"baseline"};
+#endif
+}
+
+}  // namespace fusedopt::cpu

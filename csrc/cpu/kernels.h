@@ -1,0 +1,55 @@
+// The CPU kernel tables, one per instruction set the package was built for.
+//
+// A kernel processes one chunk (see NOTE: [work list]); the driver picks the
+// table for the running CPU once and the kernel for a call's dtype and modes once
+// per call, so nothing is decided per element.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedopt/chunk_plan.h"
+#include "fusedopt/dtypes.h"
+#include "fusedopt/update.h"
+
+namespace fusedopt::cpu {
+
+struct AdamKernelArgs {
+  void* const* params;
+  void* const* grads;
+  void* const* exp_avgs;
+  void* const* exp_avg_sqs;
+  void* const* max_exp_avg_sqs;  // null unless amsgrad
+  const AdamScalars* scalars;    // per tensor
+};
+
+struct SgdwKernelArgs {
+  void* const* params;
+  void* const* grads;
+  void* const* momentum_buffers;  // null when momentum == 0
+  SgdScalars scalars;
+};
+
+using AdamChunkKernel = void (*)(const AdamKernelArgs&, const Chunk&);
+using SgdwChunkKernel = void (*)(const SgdwKernelArgs&, const Chunk&);
+
+struct KernelTable {
+  const char* isa;
+  AdamChunkKernel (*adam)(ScalarType dtype, WeightDecay decay, bool amsgrad, bool maximize);
+  SgdwChunkKernel (*sgdw)(ScalarType dtype, bool decoupled_decay, Momentum momentum, bool nesterov,
+                          bool maximize);
+};
+
+// Defined by kernels_impl.h, once per ISA translation unit.
+namespace baseline {
+const KernelTable& kernel_table();
+}
+#if defined(FUSEDOPT_X86_ISA_VARIANTS)
+namespace avx2 {
+const KernelTable& kernel_table();
+}
+namespace avx512 {
+const KernelTable& kernel_table();
+}
+#endif
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,155 @@
+// The CPU chunk kernels. Included by one translation unit per instruction set
+// (kernels_baseline.cpp, kernels_avx2.cpp, kernels_avx512.cpp), each compiled with
+// its own -m flags and FUSEDOPT_CPU_ISA naming its namespace. Everything here has
+// internal linkage except kernel_table() (see NOTE: [internal linkage for shared math]).
+#ifndef FUSEDOPT_CPU_ISA
+#error "define FUSEDOPT_CPU_ISA before including kernels_impl.h"
+#endif
+
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace fusedopt::cpu::FUSEDOPT_CPU_ISA {
+namespace {
+
+// One pass over a chunk: each element of every list is loaded once, updated in
+// fp32 registers and stored once. Plain indexed loops over __restrict pointers, so
+// the compiler vectorizes the whole body, conversions included.
+template <typename ParamT, typename GradT, WeightDecay kDecay, bool kAmsgrad, bool kMaximize>
+void adam_chunk(const AdamKernelArgs& args, const Chunk& chunk) {
+  const int64_t t = chunk.tensor;
+  ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
+  const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
+  ParamT* __restrict exp_avg = static_cast<ParamT*>(args.exp_avgs[t]) + chunk.begin;
+  ParamT* __restrict exp_avg_sq = static_cast<ParamT*>(args.exp_avg_sqs[t]) + chunk.begin;
+  ParamT* __restrict max_exp_avg_sq =
+      kAmsgrad ? static_cast<ParamT*>(args.max_exp_avg_sqs[t]) + chunk.begin : nullptr;
+  const AdamScalars scalars = args.scalars[t];
+  const int64_t n = chunk.end - chunk.begin;
+  for (int64_t i = 0; i < n; ++i) {
+    float p = to_float(param[i]);
+    float m = to_float(exp_avg[i]);
+    float v = to_float(exp_avg_sq[i]);
+    float v_max = 0.0f;
+    if constexpr (kAmsgrad) v_max = to_float(max_exp_avg_sq[i]);
+    adam_update<kDecay, kAmsgrad, kMaximize>(p, to_float(grad[i]), m, v, v_max, scalars);
+    param[i] = from_float<ParamT>(p);
+    exp_avg[i] = from_float<ParamT>(m);
+    exp_avg_sq[i] = from_float<ParamT>(v);
+    if constexpr (kAmsgrad) max_exp_avg_sq[i] = from_float<ParamT>(v_max);
+  }
+}
+
+template <typename ParamT, typename GradT, bool kDecoupledDecay, Momentum kMomentum, bool kNesterov,
+          bool kMaximize>
+void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
+  constexpr bool kHasBuffer = kMomentum != Momentum::kNone;
+  const int64_t t = chunk.tensor;
+  ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
+  const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
+  ParamT* __restrict buffer =
+      kHasBuffer ? static_cast<ParamT*>(args.momentum_buffers[t]) + chunk.begin : nullptr;
+  const SgdScalars scalars = args.scalars;
+  const int64_t n = chunk.end - chunk.begin;
+  for (int64_t i = 0; i < n; ++i) {
+    float p = to_float(param[i]);
+    float b = 0.0f;
+    if constexpr (kMomentum == Momentum::kRunning) b = to_float(buffer[i]);
+    sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(p, to_float(grad[i]), b, scalars);
+    param[i] = from_float<ParamT>(p);
+    if constexpr (kHasBuffer) buffer[i] = from_float<ParamT>(b);
+  }
+}
+
+// Runtime value -> compile-time constant, handed to `f` as a std::integral_constant.
+template <typename F>
+auto with_bool(bool value, F&& f) {
+  return value ? f(std::true_type{}) : f(std::false_type{});
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Params, grads and states share one storage type today (torch.optim's layout).
+template <typename F>
+auto with_scalar_type(ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case ScalarType::kBFloat16:
+      return f(TypeTag<BFloat16>{});
+    case ScalarType::kFloat16:
+      return f(TypeTag<Float16>{});
+    case ScalarType::kFloat32:
+      break;
+  }
+  return f(TypeTag<float>{});
+}
+
+template <typename F>
+auto with_weight_decay(WeightDecay decay, F&& f) {
+  switch (decay) {
+    case WeightDecay::kL2:
+      return f(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
+    case WeightDecay::kDecoupled:
+      return f(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
+    case WeightDecay::kNone:
+      break;
+  }
+  return f(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
+}
+
+template <typename F>
+auto with_momentum(Momentum momentum, F&& f) {
+  switch (momentum) {
+    case Momentum::kFirstStep:
+      return f(std::integral_constant<Momentum, Momentum::kFirstStep>{});
+    case Momentum::kRunning:
+      return f(std::integral_constant<Momentum, Momentum::kRunning>{});
+    case Momentum::kNone:
+      break;
+  }
+  return f(std::integral_constant<Momentum, Momentum::kNone>{});
+}
+
+AdamChunkKernel select_adam(ScalarType dtype, WeightDecay decay, bool amsgrad, bool maximize) {
+  return with_scalar_type(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return with_weight_decay(decay, [&](auto kDecay) {
+      return with_bool(amsgrad, [&](auto kAmsgrad) {
+        return with_bool(maximize, [&](auto kMaximize) -> AdamChunkKernel {
+          return &adam_chunk<T, T, kDecay.value, kAmsgrad.value, kMaximize.value>;
+        });
+      });
+    });
+  });
+}
+
+SgdwChunkKernel select_sgdw(ScalarType dtype, bool decoupled_decay, Momentum momentum, bool nesterov,
+                            bool maximize) {
+  return with_scalar_type(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return with_bool(decoupled_decay, [&](auto kDecay) {
+      return with_momentum(momentum, [&](auto kMomentum) {
+        return with_bool(nesterov, [&](auto kNesterov) {
+          return with_bool(maximize, [&](auto kMaximize) -> SgdwChunkKernel {
+            return &sgdw_chunk<T, T, kDecay.value, kMomentum.value, kNesterov.value,
+                               kMaximize.value>;
+          });
+        });
+      });
+    });
+  });
+}
+
+#define FUSEDOPT_STRINGIFY_(x) #x
+#define FUSEDOPT_STRINGIFY(x) FUSEDOPT_STRINGIFY_(x)
+
+constexpr KernelTable kTable{FUSEDOPT_STRINGIFY(FUSEDOPT_CPU_ISA), &select_adam, &select_sgdw};
+
+}  // namespace
+
+const KernelTable& kernel_table() { return kTable; }
+
+}  // namespace fusedopt::cpu::FUSEDOPT_CPU_ISA

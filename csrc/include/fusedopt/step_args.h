@@ -1,0 +1,49 @@
+// What one optimizer call receives: raw pointers, element counts, dtype and
+// hyperparameters. No torch types cross this boundary (DESIGN.md 1.1); Python
+// validated every tensor before handing over its pointer.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fusedopt/dtypes.h"
+#include "fusedopt/update.h"
+
+namespace fusedopt {
+
+// One pointer per tensor in each list; all lists have numels.size() entries.
+struct AdamStepArgs {
+  std::vector<uintptr_t> params;
+  std::vector<uintptr_t> grads;
+  std::vector<uintptr_t> exp_avgs;
+  std::vector<uintptr_t> exp_avg_sqs;
+  std::vector<uintptr_t> max_exp_avg_sqs;  // empty unless amsgrad
+  std::vector<uintptr_t> steps;            // fp32 step counters in host memory, incremented here
+  std::vector<int64_t> numels;
+  ScalarType dtype = ScalarType::kFloat32;  // params, grads and states share it
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+  WeightDecay decay = WeightDecay::kNone;
+  bool amsgrad = false;
+  bool maximize = false;
+};
+
+struct SgdwStepArgs {
+  std::vector<uintptr_t> params;
+  std::vector<uintptr_t> grads;
+  std::vector<uintptr_t> momentum_buffers;  // empty when momentum == 0
+  std::vector<int64_t> numels;
+  ScalarType dtype = ScalarType::kFloat32;
+  double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
+  Momentum momentum_mode = Momentum::kNone;  // kFirstStep fills freshly allocated buffers
+  bool nesterov = false;
+  bool maximize = false;
+};
+
+// Per-tensor Adam scalars for the tensor's step count t (after the increment).
+AdamScalars adam_scalars(const AdamStepArgs& args, double step);
+SgdScalars sgdw_scalars(const SgdwStepArgs& args);
+
+// Increments every tensor's host step counter and returns each tensor's scalars.
+std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args);
+
+}  // namespace fusedopt

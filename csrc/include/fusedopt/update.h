@@ -1,0 +1,90 @@
+// The per-element update rules of every optimizer: the one place where the math
+// lives, shared by the CPU kernels and the CUDA kernels.
+//
+// Each rule works on fp32 values already loaded from storage. Optimizer modes are
+// template parameters, so a kernel instantiation carries no per-element branch.
+// The order of operations is the order of fusedopt/reference.py; host code is
+// compiled without floating-point contraction, so the CPU kernels reproduce the
+// reference bit for bit (see NOTE: [bitwise parity] in DESIGN.md).
+#pragma once
+
+#include <math.h>
+
+#include "fusedopt/macros.h"
+
+namespace fusedopt {
+
+enum class WeightDecay : int {
+  kNone = 0,       // weight_decay == 0: neither term is computed (0 * Inf would be NaN)
+  kL2 = 1,         // Adam: g <- g + wd * p, the decay enters the moments
+  kDecoupled = 2,  // AdamW / SGDW: p <- p * (1 - lr * wd), outside the gradient step
+};
+
+// Scalars of one Adam step for one tensor; derived on the host in double from the
+// hyperparameters and the tensor's step count, then rounded to fp32 once.
+struct AdamScalars {
+  float beta1;
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;           // kL2 coefficient
+  float decay_factor;           // kDecoupled: 1 - lr * weight_decay
+  float step_size;              // lr / (1 - beta1^t)
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+};
+
+// max() that propagates NaN from either side, like torch.maximum.
+FUSEDOPT_HOST_DEVICE float nan_propagating_max(float a, float b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// Adam (Kingma & Ba) with L2 decay, or AdamW (Loshchilov & Hutter, Algorithm 2).
+template <WeightDecay kDecay, bool kAmsgrad, bool kMaximize>
+FUSEDOPT_HOST_DEVICE void adam_update(float& param, float grad, float& exp_avg, float& exp_avg_sq,
+                                      float& max_exp_avg_sq, const AdamScalars& s) {
+  if (kMaximize) grad = -grad;
+  if (kDecay == WeightDecay::kL2) grad = grad + s.weight_decay * param;
+  if (kDecay == WeightDecay::kDecoupled) param = param * s.decay_factor;
+  exp_avg = s.beta1 * exp_avg + s.one_minus_beta1 * grad;
+  exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (grad * grad);
+  float second_moment = exp_avg_sq;
+  if (kAmsgrad) {
+    max_exp_avg_sq = nan_propagating_max(max_exp_avg_sq, exp_avg_sq);
+    second_moment = max_exp_avg_sq;
+  }
+  const float denom = sqrtf(second_moment) / s.bias_correction2_sqrt + s.eps;
+  param = param - (s.step_size * exp_avg) / denom;
+}
+
+struct SgdScalars {
+  float lr;
+  float momentum;
+  float one_minus_dampening;
+  float decay_factor;  // 1 - lr * weight_decay
+};
+
+enum class Momentum : int {
+  kNone = 0,       // momentum == 0: no buffer
+  kFirstStep = 1,  // the buffer is created from this step's gradient, as torch.optim.SGD does
+  kRunning = 2,    // buf <- momentum * buf + (1 - dampening) * g
+};
+
+// SGD with momentum and decoupled weight decay (Loshchilov & Hutter, Algorithm 1).
+template <bool kDecoupledDecay, Momentum kMomentum, bool kNesterov, bool kMaximize>
+FUSEDOPT_HOST_DEVICE void sgdw_update(float& param, float grad, float& momentum_buffer,
+                                      const SgdScalars& s) {
+  if (kMaximize) grad = -grad;
+  if (kDecoupledDecay) param = param * s.decay_factor;
+  float direction = grad;
+  if (kMomentum == Momentum::kFirstStep) momentum_buffer = grad;
+  if (kMomentum == Momentum::kRunning) {
+    momentum_buffer = s.momentum * momentum_buffer + s.one_minus_dampening * grad;
+  }
+  if (kMomentum != Momentum::kNone) {
+    direction = kNesterov ? grad + s.momentum * momentum_buffer : momentum_buffer;
+  }
+  param = param - s.lr * direction;
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,149 @@
+"""The one place that checks tensors before their addresses reach the compiled core.
+
+fusedopt._C takes raw pointers and element counts (DESIGN.md 1.1), so everything
+that makes a pointer safe to use is verified here, in Python, before any write:
+device, dtype, layout, shapes of grads and states. Problems raise ValueError or
+TypeError naming the parameter and the problem.
+"""
+import math
+
+import torch
+
+try:
+    from fusedopt import _C
+except ImportError as error:  # a source checkout that was never built
+    _C = None
+    IMPORT_ERROR = str(error)
+else:
+    IMPORT_ERROR = None
+
+# Storage dtypes the compiled kernels step; complex64 steps as pairs of float32.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+# Storage dtypes the reference steps (math in fp32, or float64 for float64 storage).
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64, torch.complex128)
+
+
+def _kernel_codes():
+    if _C is None:
+        return {}
+    return {
+        torch.float32: _C.ScalarType.float32,
+        torch.bfloat16: _C.ScalarType.bfloat16,
+        torch.float16: _C.ScalarType.float16,
+        torch.complex64: _C.ScalarType.float32,
+    }
+
+
+KERNEL_CODES = _kernel_codes()
+
+
+def kernel_devices():
+    """Device types the compiled kernels serve in this process."""
+    return ("cpu",) if _C is not None else ()
+
+
+def kernel_numel(tensor):
+    """Elements the kernel steps: complex tensors count as pairs of reals."""
+    return tensor.numel() * 2 if tensor.is_complex() else tensor.numel()
+
+
+def is_dense(tensor):
+    """True when the tensor covers one gap-free block of memory, in any dim order."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(tensor, param):
+    """True when `tensor` lays its elements out in memory as the dense `param` does."""
+    if param.is_contiguous():
+        return tensor.is_contiguous()
+    return tensor.stride() == param.stride()
+
+
+def describe_param(group_index, param_index):
+    return f"param {param_index} of param group {group_index}"
+
+
+def check_grad(param, grad, where):
+    """Raises if `grad` cannot be applied to `param`."""
+    if grad.layout != torch.strided:
+        raise ValueError(
+            f"{where} has a sparse gradient ({grad.layout}); fusedopt supports dense gradients only"
+        )
+    if grad.device != param.device:
+        raise ValueError(f"{where} is on {param.device} but its gradient is on {grad.device}")
+    if grad.dtype != param.dtype:
+        raise ValueError(f"{where} is {param.dtype} but its gradient is {grad.dtype}")
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"{where} has shape {tuple(param.shape)} but its gradient has shape {tuple(grad.shape)}"
+        )
+
+
+def check_param(param, where):
+    """Raises if `param` is not a tensor fusedopt can step."""
+    if param.dtype not in REFERENCE_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in REFERENCE_DTYPES)
+        raise TypeError(f"{where} is {param.dtype}; fusedopt steps {names}")
+    if not is_dense(param):
+        raise ValueError(
+            f"{where} overlaps itself or has gaps in memory (shape {tuple(param.shape)}, "
+            f"strides {param.stride()}), e.g. an expanded view; fusedopt steps dense params only"
+        )
+
+
+def check_state(param, tensor, key, where):
+    """Raises if the state tensor `key` does not match `param` element for element."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"state '{key}' of {where} is {type(tensor).__name__}, not a tensor")
+    if tensor.shape != param.shape or tensor.dtype != param.dtype or tensor.device != param.device:
+        raise ValueError(
+            f"state '{key}' of {where} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; "
+            f"the param is {param.dtype} {tuple(param.shape)} on {param.device}"
+        )
+    if not same_layout(tensor, param):
+        raise ValueError(
+            f"state '{key}' of {where} has strides {tensor.stride()}, unlike the param's "
+            f"{param.stride()}"
+        )
+
+
+def check_step(step, where):
+    if not (
+        isinstance(step, torch.Tensor)
+        and step.dtype == torch.float32
+        and step.device.type == "cpu"
+        and step.numel() == 1
+    ):
+        raise ValueError(
+            f"state 'step' of {where} must be a one-element float32 CPU tensor, got {step!r}"
+        )
+
+
+def check_lr(lr):
+    """Raises unless `lr` (a float or one-element tensor) is finite and not negative."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = lr.item()
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def scalar(value, name, param_device):
+    """A hyperparameter as a Python float; a tensor must sit on the CPU or the params' device."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"tensor {name} must have one element, got shape {tuple(value.shape)}")
+        if value.device.type != "cpu" and value.device != param_device:
+            raise ValueError(
+                f"tensor {name} is on {value.device} but the params are on {param_device}"
+            )
+        value = value.item()
+    return float(value)

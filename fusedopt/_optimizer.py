@@ -1,0 +1,336 @@
+"""What Adam, AdamW and SGDW share: backend choice, validate-then-write stepping,
+and checkpoint loading that refuses bad input before changing anything."""
+import operator
+import warnings
+from operator import attrgetter, itemgetter
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fusedopt import _backend
+
+BACKENDS = ("auto", "kernel", "reference")
+
+
+class Batch:
+    """Params of one group that share a device and dtype, with their grads and states."""
+
+    __slots__ = ("group", "hyper", "use_kernel", "params", "grads", "states")
+
+    def __init__(self, group, hyper, use_kernel):
+        self.group = group
+        self.hyper = hyper
+        self.use_kernel = use_kernel
+        self.params = []
+        self.grads = []
+        self.states = []
+
+
+class FusedOptimizer(Optimizer):
+    """Base class. Subclasses define the state, the hyperparameters and the two paths.
+
+    step() first plans every group: it checks every param, grad, state tensor and
+    hyperparameter; only when all are sound does it create state and write. A
+    refused step therefore leaves every tensor as it was.
+    """
+
+    def __init__(self, params, defaults, backend):
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+        self.backend = backend
+        self._warned = set()
+        self._steady_plans = {}  # id(group) -> SteadyPlan
+        self._state_snapshot = []  # self.state's values after the last step
+        super().__init__(params, defaults)
+
+    # -- what subclasses provide ------------------------------------------------
+    def _state_keys(self, group):
+        """Names of the state tensors shaped like the param that a step needs."""
+        raise NotImplementedError
+
+    def _hyperparameters(self, group, device):
+        """The group's hyperparameters as validated Python values."""
+        raise NotImplementedError
+
+    def _init_state(self, param, state, group):
+        """Creates the missing entries of `state` for `param` (SGDW creates its buffer
+        in the step itself, filled from the first gradient)."""
+
+    def _kernel_args(self, batch):
+        """The compiled-call argument objects (one or more) that step `batch`."""
+        raise NotImplementedError
+
+    def _set_kernel_hyperparameters(self, args, hyper):
+        """Writes this step's hyperparameters into a compiled-call argument object."""
+        raise NotImplementedError
+
+    def _launch_kernel(self, args):
+        raise NotImplementedError
+
+    def _reference_step(self, batch):
+        raise NotImplementedError
+
+    # -- stepping -----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Plan and validate every group before the first write.
+        if self._steady_plans and not (
+            len(self.state) == len(self._state_snapshot)
+            and all(map(operator.is_, self.state.values(), self._state_snapshot))
+        ):
+            self._steady_plans.clear()  # an entry of self.state was replaced or removed
+        work = []  # (group, steady plan and its grads and hyperparameters) or (group, batches)
+        for group_index, group in enumerate(self.param_groups):
+            steady = self._steady_plans.get(id(group))
+            grads = steady.grads_if_unchanged(self, group) if steady is not None else None
+            if grads is not None:
+                work.append((group, (steady, grads, self._hyperparameters(group, steady.device))))
+            else:
+                work.append((group, self._plan_group(group_index, group)))
+        for group, batches in work:
+            if isinstance(batches, tuple):
+                steady, grads, hyper = batches
+                self._launch_kernel(steady.refresh(self, grads, hyper))
+                continue
+            self._steady_plans.pop(id(group), None)
+            for batch in batches:
+                for index, param in enumerate(batch.params):
+                    if batch.states[index] is None:
+                        batch.states[index] = self.state[param]
+                    self._init_state(param, batch.states[index], batch.group)
+                if batch.use_kernel:
+                    for args in self._kernel_args(batch):
+                        self._launch_kernel(args)
+                else:
+                    self._reference_step(batch)
+            if len(batches) == 1 and batch.use_kernel:
+                self._steady_plans[id(group)] = SteadyPlan.try_build(self, group, batch)
+        self._state_snapshot = list(self.state.values())
+        return loss
+
+    def _plan_group(self, group_index, group):
+        """Validates one group and splits its params with grads into batches; writes nothing."""
+        batches = {}
+        device = None
+        hyper = None
+        state_keys = self._state_keys(group)
+        for param_index, param in enumerate(group["params"]):
+            grad = param.grad
+            if grad is None:
+                continue
+            where = None
+            if not (
+                grad.layout == torch.strided
+                and grad.dtype == param.dtype
+                and grad.shape == param.shape
+                and grad.device == param.device
+            ):
+                where = _backend.describe_param(group_index, param_index)
+                _backend.check_grad(param, grad, where)
+            if device is None:
+                device = param.device
+                hyper = self._hyperparameters(group, device)
+            elif param.device != device:
+                raise ValueError(
+                    f"param group {group_index} mixes devices ({device} and {param.device}); "
+                    "put params of each device in their own group"
+                )
+            batch = batches.get(param.dtype)
+            if batch is None:
+                _backend.check_param(param, _backend.describe_param(group_index, param_index))
+                batch = Batch(group, hyper, self._use_kernel(device, param.dtype))
+                batches[param.dtype] = batch
+            elif not param.is_contiguous():
+                _backend.check_param(param, _backend.describe_param(group_index, param_index))
+            state = self.state.get(param)  # .get: planning adds no entries
+            if state:
+                self._check_existing_state(param, state, state_keys, batch.use_kernel,
+                                           group_index, param_index)
+            if batch.use_kernel and not _backend.same_layout(grad, param):
+                grad = torch.empty_like(param).copy_(grad)  # the kernel walks both in one order
+            batch.params.append(param)
+            batch.grads.append(grad)
+            batch.states.append(state)
+        return list(batches.values())
+
+    def _check_existing_state(self, param, state, state_keys, use_kernel, group_index, param_index):
+        where = _backend.describe_param(group_index, param_index)
+        for key in state_keys:
+            tensor = state.get(key)
+            if tensor is not None:
+                _backend.check_state(param, tensor, key, where)
+        if "step" in state:
+            _backend.check_step(state["step"], where)
+
+    def _use_kernel(self, device, dtype):
+        if self.backend == "reference":
+            return False
+        if device.type in _backend.kernel_devices() and dtype in _backend.KERNEL_DTYPES:
+            return True
+        if _backend._C is None:
+            reason = f"the compiled module fusedopt._C did not import ({_backend.IMPORT_ERROR})"
+        elif device.type not in _backend.kernel_devices():
+            reason = f"this build has no fusedopt kernel for {device.type} tensors"
+        else:
+            reason = f"fusedopt kernels do not step {dtype} params"
+        if self.backend == "kernel":
+            raise RuntimeError(f"backend='kernel', but {reason}; use backend='auto' or 'reference'")
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"{reason}: stepping with the reference implementation", stacklevel=4)
+        return False
+
+    # -- checkpoints ----------------------------------------------------------------
+    def load_state_dict(self, state_dict):
+        """Loads a fusedopt or torch.optim state dict; checks it whole before changing anything."""
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        self._steady_plans.clear()
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state:
+                    self._normalize_loaded_state(param, state, group)
+
+    def _check_loadable(self, state_dict):
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} param groups, the optimizer {len(groups)}"
+            )
+        saved_state = state_dict["state"]
+        for group_index, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved_group["params"]):
+                raise ValueError(
+                    f"param group {group_index} has {len(group['params'])} params, the loaded "
+                    f"state dict {len(saved_group['params'])}"
+                )
+            for param_index, (param, saved_id) in enumerate(zip(group["params"], saved_group["params"])):
+                state = saved_state.get(saved_id)
+                if not state:
+                    continue
+                where = _backend.describe_param(group_index, param_index)
+                for key in self._state_keys(saved_group):
+                    if key not in state:
+                        continue
+                    tensor = state[key]
+                    if not isinstance(tensor, torch.Tensor) or tensor.shape != param.shape:
+                        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
+                        raise ValueError(
+                            f"loaded state '{key}' of {where} has shape {shape}; the param "
+                            f"has shape {tuple(param.shape)}"
+                        )
+                    if tensor.is_complex() != param.is_complex():
+                        raise ValueError(
+                            f"loaded state '{key}' of {where} is {tensor.dtype}; the param is "
+                            f"{param.dtype}"
+                        )
+                if "step" in state:
+                    step = state["step"]
+                    if isinstance(step, torch.Tensor) and step.numel() != 1:
+                        raise ValueError(f"loaded state 'step' of {where} has {step.numel()} elements")
+                    value = float(step)
+                    if not (value >= 0 and value == int(value)):
+                        raise ValueError(f"loaded state 'step' of {where} is {value}")
+
+    def _normalize_loaded_state(self, param, state, group):
+        """torch.optim leaves `step` where the checkpoint had it; fusedopt keeps it on the
+        host as float32, and gives every state tensor the param's memory layout."""
+        if "step" in state:
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+        for key in self._state_keys(group):
+            tensor = state.get(key)
+            if isinstance(tensor, torch.Tensor) and not _backend.same_layout(tensor, param):
+                state[key] = torch.empty_like(param).copy_(tensor)
+
+
+_LAYOUT = attrgetter("layout")
+_DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
+_SHAPE = attrgetter("shape")
+_GRAD = attrgetter("grad")
+
+
+class SteadyPlan:
+    """What stays the same from one step to the next in the usual training loop.
+
+    Once a group's state exists, its params, their storage and its state tensors do
+    not change between steps; only the grads do. The plan keeps the compiled-call
+    arguments built for the group (addresses of params and states, element counts)
+    and, each step, checks by identity that the params and state tensors are still
+    the ones it was built for, then validates the new grads in bulk. Anything else
+    (a param without grad, `p.data` replaced, a state tensor swapped, mixed dtypes,
+    non-contiguous params, the reference path) takes the full per-tensor planning.
+    """
+
+    __slots__ = ("params", "param_addresses", "states", "state_keys", "state_tensors", "shapes",
+                 "dtype", "device", "args")
+
+    @classmethod
+    def try_build(cls, optimizer, group, batch):
+        params = batch.params
+        if len(params) != len(group["params"]) or not all(map(Tensor.is_contiguous, params)):
+            return None
+        plan = cls()
+        plan.params = list(params)
+        plan.param_addresses = list(map(Tensor.data_ptr, params))
+        plan.states = list(batch.states)
+        plan.state_keys = optimizer._state_keys(group)
+        keys = plan.state_keys + (("step",) if "step" in batch.states[0] else ())
+        plan.state_tensors = {key: [state[key] for state in plan.states] for key in keys}
+        plan.shapes = list(map(_SHAPE, params))
+        plan.dtype = params[0].dtype
+        plan.device = params[0].device
+        kernel_args = optimizer._kernel_args(batch)
+        if len(kernel_args) != 1:
+            return None
+        plan.args = kernel_args[0]
+        return plan
+
+    def grads_if_unchanged(self, optimizer, group):
+        """This step's grads if the plan still describes `group`, else None.
+
+        The caller has checked that no entry of `optimizer.state` was replaced.
+        """
+        params = group["params"]
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return None
+        if list(map(Tensor.data_ptr, params)) != self.param_addresses:
+            return None
+        if optimizer._state_keys(group) != self.state_keys:
+            return None
+        try:
+            for key, tensors in self.state_tensors.items():
+                if not all(map(operator.is_, map(itemgetter(key), self.states), tensors)):
+                    return None
+        except KeyError:  # a state entry was deleted
+            return None
+        grads = list(map(_GRAD, params))
+        if not all(map(_is_not_none, grads)):
+            return None
+        if (
+            set(map(_LAYOUT, grads)) != {torch.strided}
+            or not all(map(Tensor.is_contiguous, grads))
+            or set(map(_DTYPE, grads)) != {self.dtype}
+            or set(map(_DEVICE, grads)) != {self.device}
+            or list(map(_SHAPE, grads)) != self.shapes
+        ):
+            return None  # the full planning names the offending grad
+        return grads
+
+    def refresh(self, optimizer, grads, hyper):
+        """The kept call arguments with this step's grads and hyperparameters."""
+        self.args.grads = list(map(Tensor.data_ptr, grads))
+        optimizer._set_kernel_hyperparameters(self.args, hyper)
+        return self.args
+
+
+def _is_not_none(value):
+    return value is not None

@@ -1,0 +1,208 @@
+"""Adam and AdamW: torch.optim's arguments, state layout and results, one pass per step."""
+import math
+
+import torch
+
+from fusedopt import _backend, reference
+from fusedopt._optimizer import FusedOptimizer
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(FusedOptimizer):
+    """Adam (Kingma & Ba) with L2 weight decay, or with decoupled weight decay
+    (AdamW, Loshchilov & Hutter) when `decoupled_weight_decay=True`.
+
+    Arguments and defaults are those of torch.optim.Adam. `foreach` and `fused` are
+    accepted for compatibility and change nothing: fusedopt always takes its fused
+    path. `capturable` and `differentiable` are not supported.
+
+    backend: "auto" steps with the compiled kernel for the params' device and dtype
+        when there is one, else with the reference (warning once); "kernel" raises
+        where no kernel serves; "reference" always uses fusedopt.reference.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        *,
+        foreach=None,
+        maximize=False,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        decoupled_weight_decay=False,
+        backend="auto",
+    ):
+        _backend.check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if capturable:
+            raise ValueError("capturable=True is not supported: fusedopt keeps the step count on the host")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by fusedopt")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+
+    def _state_keys(self, group):
+        if group.get("amsgrad", False):
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _hyperparameters(self, group, device):
+        lr = _backend.scalar(group["lr"], "lr", device)
+        beta1 = _backend.scalar(group["betas"][0], "betas[0]", device)
+        beta2 = _backend.scalar(group["betas"][1], "betas[1]", device)
+        eps = _backend.scalar(group["eps"], "eps", device)
+        weight_decay = _backend.scalar(group["weight_decay"], "weight_decay", device)
+        _backend.check_lr(lr)
+        if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Invalid betas: {(beta1, beta2)}; each must lie in [0, 1)")
+        if not (0.0 <= eps < math.inf):
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (0.0 <= weight_decay < math.inf):
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if group.get("differentiable", False):
+            raise ValueError("differentiable=True is not supported by fusedopt")
+        return dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=bool(group["decoupled_weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+        )
+
+    def _init_state(self, param, state, group):
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _kernel_args(self, batch):
+        args = _backend._C.AdamStepArgs()
+        args.params = [p.data_ptr() for p in batch.params]
+        args.grads = [g.data_ptr() for g in batch.grads]
+        args.exp_avgs = [s["exp_avg"].data_ptr() for s in batch.states]
+        args.exp_avg_sqs = [s["exp_avg_sq"].data_ptr() for s in batch.states]
+        if batch.hyper["amsgrad"]:
+            args.max_exp_avg_sqs = [s["max_exp_avg_sq"].data_ptr() for s in batch.states]
+        args.steps = [s["step"].data_ptr() for s in batch.states]
+        args.numels = [_backend.kernel_numel(p) for p in batch.params]
+        args.dtype = _backend.KERNEL_CODES[batch.params[0].dtype]
+        self._set_kernel_hyperparameters(args, batch.hyper)
+        return [args]
+
+    def _set_kernel_hyperparameters(self, args, hyper):
+        WeightDecay = _backend._C.WeightDecay
+        args.lr = hyper["lr"]
+        args.beta1 = hyper["beta1"]
+        args.beta2 = hyper["beta2"]
+        args.eps = hyper["eps"]
+        args.weight_decay = hyper["weight_decay"]
+        if hyper["weight_decay"] == 0:
+            args.decay = WeightDecay.none
+        elif hyper["decoupled"]:
+            args.decay = WeightDecay.decoupled
+        else:
+            args.decay = WeightDecay.l2
+        args.amsgrad = hyper["amsgrad"]
+        args.maximize = hyper["maximize"]
+
+    def _launch_kernel(self, args):
+        _backend._C.cpu.adam_step(args, torch.get_num_threads())
+
+    def _reference_step(self, batch):
+        h = batch.hyper
+        for param, grad, state in zip(batch.params, batch.grads, batch.states):
+            state["step"] += 1
+            reference.adam_step_(
+                param,
+                grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                state.get("max_exp_avg_sq"),
+                float(state["step"]),
+                **h,
+            )
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter, Algorithm 2): Adam with decoupled weight decay,
+    p <- p * (1 - lr * weight_decay). Arguments and defaults of torch.optim.AdamW."""
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        *,
+        maximize=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        backend="auto",
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            backend=backend,
+        )
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+

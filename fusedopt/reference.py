@@ -1,0 +1,144 @@
+"""The specification: each optimizer's step on one tensor, in plain PyTorch.
+
+Read it next to Loshchilov & Hutter, "Decoupled Weight Decay Regularization"
+(arXiv 1711.05101): `adamw_step_` is Algorithm 2 (Adam with L2 decay when
+`decoupled=False`), `sgdw_step_` is Algorithm 1. The learning rate `lr` plays the
+part of the paper's alpha * eta_t, so the decoupled decay is `lr * weight_decay`,
+as in torch.optim.AdamW.
+
+These functions are
+  * the spec the kernels are tested against: the compiled kernels perform the same
+    fp32 operations in the same order (csrc/include/fusedopt/update.h), so for
+    fp32, bf16 and fp16 storage the two agree bit for bit;
+  * the accuracy oracle, when called on float64 tensors (math then runs in float64);
+  * the fallback path of the optimizers where no kernel serves a device or dtype.
+
+Math runs in fp32 for fp32/bf16/fp16 storage (float64 for float64 storage);
+results are rounded to the storage dtype once per step. Complex tensors are
+updated as pairs of reals, as torch.optim does.
+"""
+import math
+
+import torch
+
+__all__ = ["adam_step_", "sgdw_step_"]
+
+
+def _math_view(tensor):
+    """The tensor as reals in its math dtype (fp32, or float64 for float64 storage).
+
+    Callers never modify the result in place, so it may alias the tensor.
+    """
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def _sqrt(tensor):
+    """Correctly rounded square root, as the kernels compute it.
+
+    torch's vectorized CPU sqrt is accurate to about 0.5001 ulp, not correctly
+    rounded; an fp32 root taken in float64 and rounded once is exact.
+    """
+    if tensor.dtype == torch.float64:
+        return tensor.sqrt()
+    return tensor.double().sqrt().to(tensor.dtype)
+
+
+def _store(destination, value):
+    if destination.is_complex():
+        destination = torch.view_as_real(destination)
+    destination.copy_(value)
+
+
+@torch.no_grad()
+def adam_step_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    step,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+):
+    """One Adam (decoupled=False) or AdamW (decoupled=True) step, in place.
+
+    `step` is the step count t after this step's increment (1 on the first step).
+    `max_exp_avg_sq` is used only when `amsgrad`.
+    """
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    step_size = lr / bias_correction1
+
+    p = _math_view(param)
+    g = _math_view(grad)
+    m = _math_view(exp_avg)
+    v = _math_view(exp_avg_sq)
+
+    if maximize:
+        g = -g
+    if weight_decay != 0 and not decoupled:
+        g = g + weight_decay * p  # L2: the decay enters the moments
+    if weight_decay != 0 and decoupled:
+        p = p * (1 - lr * weight_decay)  # decoupled: shrink the weights directly
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * (g * g)
+    second_moment = v
+    if amsgrad:
+        v_max = torch.maximum(_math_view(max_exp_avg_sq), v)
+        _store(max_exp_avg_sq, v_max)
+        second_moment = v_max
+    denom = _sqrt(second_moment) / bias_correction2_sqrt + eps
+    p = p - (step_size * m) / denom
+
+    _store(param, p)
+    _store(exp_avg, m)
+    _store(exp_avg_sq, v)
+
+
+@torch.no_grad()
+def sgdw_step_(
+    param,
+    grad,
+    momentum_buffer,
+    *,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+):
+    """One SGDW step, in place.
+
+    With `momentum != 0`, `momentum_buffer` is updated; on the `first_step` it is
+    set to the gradient, as torch.optim.SGD does. The weight decay is decoupled:
+    p <- p * (1 - lr * weight_decay), never added to the gradient.
+    """
+    p = _math_view(param)
+    g = _math_view(grad)
+
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        p = p * (1 - lr * weight_decay)
+    direction = g
+    if momentum != 0:
+        if first_step:
+            buf = g
+        else:
+            buf = momentum * _math_view(momentum_buffer) + (1 - dampening) * g
+        _store(momentum_buffer, buf)
+        direction = g + momentum * buf if nesterov else buf
+    p = p - lr * direction
+
+    _store(param, p)

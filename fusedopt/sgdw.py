@@ -1,0 +1,151 @@
+"""SGDW: SGD with momentum and decoupled weight decay, in one pass per step."""
+import math
+
+import torch
+
+from fusedopt import _backend, reference
+from fusedopt._optimizer import FusedOptimizer
+
+__all__ = ["SGDW"]
+
+
+class SGDW(FusedOptimizer):
+    """SGD with momentum and decoupled weight decay (Loshchilov & Hutter, Algorithm 1).
+
+    Arguments and defaults are those of torch.optim.SGD, and so is the state
+    (`momentum_buffer`, set to the first gradient on the first step). The one
+    difference is the meaning of `weight_decay`: SGDW shrinks the weights,
+    p <- p * (1 - lr * weight_decay), instead of adding weight_decay * p to the
+    gradient, so the decay never enters the momentum. With weight_decay=0 SGDW is
+    torch.optim.SGD.
+
+    backend: as for fusedopt.Adam.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        *,
+        maximize=False,
+        foreach=None,
+        differentiable=False,
+        fused=None,
+        backend="auto",
+    ):
+        _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by fusedopt")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    def _state_keys(self, group):
+        return ("momentum_buffer",) if group.get("momentum", 0) != 0 else ()
+
+    def _hyperparameters(self, group, device):
+        lr = _backend.scalar(group["lr"], "lr", device)
+        momentum = _backend.scalar(group["momentum"], "momentum", device)
+        dampening = _backend.scalar(group["dampening"], "dampening", device)
+        weight_decay = _backend.scalar(group["weight_decay"], "weight_decay", device)
+        nesterov = bool(group["nesterov"])
+        _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+        if group.get("differentiable", False):
+            raise ValueError("differentiable=True is not supported by fusedopt")
+        return dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=bool(group["maximize"]),
+        )
+
+    def _kernel_args(self, batch):
+        h = batch.hyper
+        if h["momentum"] == 0:
+            return [self._make_args(batch.params, batch.grads, [], h, "none")]
+        running = [i for i, s in enumerate(batch.states) if s.get("momentum_buffer") is not None]
+        first = [i for i, s in enumerate(batch.states) if s.get("momentum_buffer") is None]
+        for index in first:
+            batch.states[index]["momentum_buffer"] = torch.empty_like(
+                batch.params[index], memory_format=torch.preserve_format
+            )
+        return [
+            self._make_args(
+                [batch.params[i] for i in indices],
+                [batch.grads[i] for i in indices],
+                [batch.states[i]["momentum_buffer"] for i in indices],
+                h,
+                mode,
+            )
+            for indices, mode in ((running, "running"), (first, "first_step"))
+            if indices
+        ]
+
+    def _make_args(self, params, grads, buffers, hyper, momentum_mode):
+        C = _backend._C
+        args = C.SgdwStepArgs()
+        args.params = [p.data_ptr() for p in params]
+        args.grads = [g.data_ptr() for g in grads]
+        args.momentum_buffers = [b.data_ptr() for b in buffers]
+        args.numels = [_backend.kernel_numel(p) for p in params]
+        args.dtype = _backend.KERNEL_CODES[params[0].dtype]
+        args.momentum_mode = getattr(C.Momentum, momentum_mode)
+        self._set_kernel_hyperparameters(args, hyper)
+        return args
+
+    def _set_kernel_hyperparameters(self, args, hyper):
+        args.lr = hyper["lr"]
+        args.momentum = hyper["momentum"]
+        args.dampening = hyper["dampening"]
+        args.weight_decay = hyper["weight_decay"]
+        args.nesterov = hyper["nesterov"]
+        args.maximize = hyper["maximize"]
+
+    def _launch_kernel(self, args):
+        _backend._C.cpu.sgdw_step(args, torch.get_num_threads())
+
+    def _reference_step(self, batch):
+        h = batch.hyper
+        for param, grad, state in zip(batch.params, batch.grads, batch.states):
+            buffer = state.get("momentum_buffer")
+            first_step = buffer is None
+            if h["momentum"] != 0 and first_step:
+                buffer = torch.empty_like(param, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = buffer
+            reference.sgdw_step_(param, grad, buffer, first_step=first_step, **h)
+
+
+def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov):
+    _backend.check_lr(lr)
+    if not 0.0 <= momentum < math.inf:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not -math.inf < dampening < math.inf:
+        raise ValueError(f"Invalid dampening value: {dampening}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")

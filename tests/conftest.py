@@ -1,0 +1,50 @@
+"""Shared helpers: random problems, runners, and the tolerance rules used by the tests."""
+import torch
+
+# Machine epsilon (distance from 1 to the next representable number) per dtype.
+EPS = {
+    torch.float32: torch.finfo(torch.float32).eps,  # 2**-23
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,  # 2**-7
+    torch.float16: torch.finfo(torch.float16).eps,  # 2**-10
+    torch.float64: torch.finfo(torch.float64).eps,
+}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Shapes every parity test steps: a scalar, empty tensors, size 1, odd sizes, a
+# tensor spanning several CPU chunks (16Ki elements each), and a 2-D matrix.
+SHAPES = [(), (0,), (3, 0, 4), (1,), (7,), (33, 17), (1031,), (70001,)]
+
+
+def make_params(shapes, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+
+
+def make_grads(shapes, dtype, steps, seed, scale=0.5):
+    """A fresh random gradient per step and tensor (never zeros)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return [
+        [(torch.randn(shape, generator=generator) * scale).to(dtype) for shape in shapes]
+        for _ in range(steps)
+    ]
+
+
+def run_steps(make_optimizer, initial_params, grads_per_step, dtype=None):
+    """Steps fresh copies of `initial_params` (cast to `dtype` if given) through the
+    gradient sequence; returns the final params and the optimizer."""
+    params = [
+        torch.nn.Parameter(p.detach().clone() if dtype is None else p.detach().to(dtype))
+        for p in initial_params
+    ]
+    optimizer = make_optimizer(params)
+    for grads in grads_per_step:
+        for param, grad in zip(params, grads):
+            param.grad = grad.clone() if dtype is None else grad.to(dtype)
+        optimizer.step()
+    return [p.detach() for p in params], optimizer
+
+
+def max_abs_error(tensors, oracle):
+    errors = [(t.double() - o.double()).abs().max().item() for t, o in zip(tensors, oracle) if t.numel()]
+    return max(errors, default=0.0)
+
