@@ -1,0 +1,190 @@
+"""Bad input raises a clear exception that names the problem, and nothing is lost:
+after a refused step or load every param and state tensor is bit for bit as before."""
+import copy
+
+import pytest
+import torch
+
+import fusedopt
+
+
+def snapshot(optimizer):
+    # Meta tensors hold no data to compare; the CPU params and all state are checked.
+    params = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]
+              if p.device.type != "meta"]
+    state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for p, s in optimizer.state.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return params, state, groups
+
+
+def assert_unchanged(optimizer, before):
+    params, state, groups = snapshot(optimizer)
+    old_params, old_state, old_groups = before
+    assert all(torch.equal(a, b) for a, b in zip(params, old_params))
+    assert state.keys() == old_state.keys()
+    for key, entries in state.items():
+        assert entries.keys() == old_state[key].keys()
+        for name, value in entries.items():
+            old = old_state[key][name]
+            assert torch.equal(value, old) if isinstance(value, torch.Tensor) else value == old
+    assert groups == old_groups
+
+
+def stepped_optimizer(cls=fusedopt.AdamW, **kwargs):
+    """An optimizer over two groups that has taken two good steps (state exists)."""
+    torch.manual_seed(0)
+    groups = [[torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))],
+              [torch.nn.Parameter(torch.randn(11))]]
+    optimizer = cls([{"params": groups[0]}, {"params": groups[1]}], lr=1e-2, **kwargs)
+    for _ in range(2):
+        for group in groups:
+            for p in group:
+                p.grad = torch.randn_like(p)
+        optimizer.step()
+    return optimizer, groups
+
+
+def break_sparse_grad(optimizer, groups):
+    groups[1][0].grad = torch.randn(11).to_sparse()
+
+
+def break_grad_dtype(optimizer, groups):
+    groups[1][0].grad.data = torch.randn(11, dtype=torch.float64)
+
+
+def break_grad_shape(optimizer, groups):
+    groups[1][0].grad.data = torch.randn(12)
+
+
+def break_mixed_devices(optimizer, groups):
+    meta = torch.nn.Parameter(torch.randn(3, device="meta"))
+    meta.grad = torch.randn(3, device="meta")
+    optimizer.param_groups[1]["params"].append(meta)
+
+
+def break_unsupported_dtype(optimizer, groups):
+    param = torch.nn.Parameter(torch.randn(4).to(torch.float8_e4m3fn))
+    param.grad = torch.randn(4).to(torch.float8_e4m3fn)
+    optimizer.param_groups[1]["params"].append(param)
+
+
+def break_overlapping_param(optimizer, groups):
+    param = torch.nn.Parameter(torch.randn(1, 4).expand(3, 4))
+    param.grad = torch.randn(3, 4)
+    optimizer.param_groups[1]["params"].append(param)
+
+
+def break_state_shape(optimizer, groups):
+    optimizer.state[groups[1][0]]["exp_avg"] = torch.zeros(3)
+
+
+def break_state_dtype(optimizer, groups):
+    optimizer.state[groups[1][0]]["exp_avg_sq"] = torch.zeros(11, dtype=torch.float64)
+
+
+def break_step_tensor(optimizer, groups):
+    optimizer.state[groups[1][0]]["step"] = torch.zeros(2)
+
+
+def break_nan_lr(optimizer, groups):
+    optimizer.param_groups[1]["lr"] = float("nan")
+
+
+def break_negative_lr(optimizer, groups):
+    optimizer.param_groups[1]["lr"] = -1e-3
+
+
+def break_beta(optimizer, groups):
+    optimizer.param_groups[1]["betas"] = (0.9, 1.0)
+
+
+def break_negative_weight_decay(optimizer, groups):
+    optimizer.param_groups[1]["weight_decay"] = -0.1
+
+
+def break_tensor_lr_device(optimizer, groups):
+    optimizer.param_groups[1]["lr"] = torch.tensor(1e-3, device="meta")
+
+
+CASES = [
+    (break_sparse_grad, ValueError, "param 0 of param group 1 has a sparse gradient"),
+    (break_grad_dtype, ValueError, "param 0 of param group 1 is torch.float32 but its gradient is torch.float64"),
+    (break_grad_shape, ValueError, r"param 0 of param group 1 has shape \(11,\) but its gradient has shape \(12,\)"),
+    (break_mixed_devices, ValueError, "param group 1 mixes devices"),
+    (break_unsupported_dtype, TypeError, "param 1 of param group 1 is torch.float8_e4m3fn; fusedopt steps float32"),
+    (break_overlapping_param, ValueError, "param 1 of param group 1 overlaps itself"),
+    (break_state_shape, ValueError, r"state 'exp_avg' of param 0 of param group 1 is torch.float32 \(3,\)"),
+    (break_state_dtype, ValueError, "state 'exp_avg_sq' of param 0 of param group 1 is torch.float64"),
+    (break_step_tensor, ValueError, "state 'step' of param 0 of param group 1 must be a one-element float32 CPU tensor"),
+    (break_nan_lr, ValueError, "Invalid learning rate: nan"),
+    (break_negative_lr, ValueError, "Invalid learning rate: -0.001"),
+    (break_beta, ValueError, r"Invalid betas: \(0.9, 1.0\)"),
+    (break_negative_weight_decay, ValueError, "Invalid weight_decay value: -0.1"),
+    (break_tensor_lr_device, ValueError, "tensor lr is on meta but the params are on cpu"),
+]
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("breaker,error,message", CASES, ids=[c[0].__name__ for c in CASES])
+def test_refused_step_names_the_problem_and_changes_nothing(breaker, error, message, backend):
+    optimizer, groups = stepped_optimizer(backend=backend)
+    for group in groups:  # new grads for the step that will be refused
+        for p in group:
+            p.grad = torch.randn_like(p)
+    breaker(optimizer, groups)
+    before = snapshot(optimizer)
+    with pytest.raises(error, match=message):
+        optimizer.step()
+    assert_unchanged(optimizer, before)
+
+
+def test_sparse_grad_is_refused_by_sgdw_too():
+    param = torch.nn.Parameter(torch.randn(6))
+    param.grad = torch.randn(6).to_sparse()
+    optimizer = fusedopt.SGDW([param], lr=0.1, momentum=0.9)
+    before = param.detach().clone()
+    with pytest.raises(ValueError, match="sparse gradient"):
+        optimizer.step()
+    assert torch.equal(param.detach(), before) and not optimizer.state
+
+
+def test_kernel_backend_refuses_a_device_without_kernels():
+    param = torch.nn.Parameter(torch.randn(3, device="meta"))
+    param.grad = torch.randn(3, device="meta")
+    optimizer = fusedopt.Adam([param], backend="kernel")
+    with pytest.raises(RuntimeError, match="backend='kernel', but this build has no fusedopt kernel for meta tensors"):
+        optimizer.step()
+
+
+BAD_LOADS = [
+    ("wrong group count", lambda sd: sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0])),
+     "2 param groups, the optimizer 1"),
+    ("wrong param count", lambda sd: sd["param_groups"][0]["params"].pop(), "has 2 params, the loaded state dict 1"),
+    ("wrong state shape", lambda sd: sd["state"][1].update(exp_avg=torch.zeros(8)),
+     r"loaded state 'exp_avg' of param 1 of param group 0 has shape \(8,\)"),
+    ("fractional step", lambda sd: sd["state"][0].update(step=torch.tensor(1.5)),
+     "loaded state 'step' of param 0 of param group 0 is 1.5"),
+    ("complex state for a real param", lambda sd: sd["state"][0].update(exp_avg_sq=torch.zeros(4, dtype=torch.complex64)),
+     "is torch.complex64; the param is torch.float32"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,message", BAD_LOADS, ids=[b[0] for b in BAD_LOADS])
+def test_refused_load_names_the_problem_and_changes_nothing(name, corrupt, message):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(7))]
+    optimizer = fusedopt.AdamW(params, lr=1e-2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    corrupt(state_dict)
+    for p in params:
+        p.grad = torch.randn_like(p)
+        optimizer.step()  # move on, so a half-applied load would show
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(state_dict)
+    assert_unchanged(optimizer, before)

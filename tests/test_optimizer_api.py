@@ -1,0 +1,324 @@
+"""Drop-in behaviour: constructor arguments, state_dict layout, checkpoints in both
+directions, param groups, closures, schedulers, GradScaler, backend selection."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fusedopt
+from conftest import EPS, make_grads, make_params, run_steps
+
+PAIRS = [
+    (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    (fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (fusedopt.SGDW, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+]
+PAIR_IDS = ["adam", "adamw", "sgdw"]
+
+
+def model_params(seed=0):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s)) for s in ((17, 5), (5,), (1,), (301,))]
+
+
+def set_random_grads(params, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=PAIR_IDS)
+def test_defaults_and_param_group_keys_match_torch(ours, theirs, kwargs):
+    a = ours(model_params())
+    b = theirs(model_params())
+    assert a.defaults == b.defaults
+    assert set(a.param_groups[0]) == set(b.param_groups[0])
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,message",
+    [
+        (fusedopt.Adam, dict(lr=-1.0), "Invalid learning rate"),
+        (fusedopt.Adam, dict(eps=-1e-8), "Invalid epsilon value"),
+        (fusedopt.Adam, dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0"),
+        (fusedopt.AdamW, dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
+        (fusedopt.AdamW, dict(weight_decay=-0.1), "Invalid weight_decay value"),
+        (fusedopt.SGDW, dict(lr=-0.1), "Invalid learning rate"),
+        (fusedopt.SGDW, dict(momentum=-0.5), "Invalid momentum value"),
+        (fusedopt.SGDW, dict(weight_decay=-1.0), "Invalid weight_decay value"),
+        (fusedopt.SGDW, dict(nesterov=True), "Nesterov momentum requires a momentum and zero dampening"),
+        (fusedopt.Adam, dict(backend="gpu"), "Invalid backend"),
+        (fusedopt.Adam, dict(capturable=True), "capturable=True is not supported"),
+        (fusedopt.SGDW, dict(differentiable=True), "differentiable=True is not supported"),
+    ],
+)
+def test_invalid_arguments_raise_value_error(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(model_params(), **kwargs)
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=PAIR_IDS)
+def test_state_dict_layout_matches_torch(ours, theirs, kwargs):
+    a_params, b_params = model_params(), model_params()
+    a, b = ours(a_params, **kwargs), theirs(b_params, **kwargs)
+    for step in range(2):
+        set_random_grads(a_params, step)
+        set_random_grads(b_params, step)
+        a.step()
+        b.step()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for index in sa["state"]:
+        assert sa["state"][index].keys() == sb["state"][index].keys()
+        for key, value in sa["state"][index].items():
+            other = sb["state"][index][key]
+            assert (value.dtype, value.shape, value.device) == (other.dtype, other.shape, other.device), key
+
+
+def trajectory_atol(params, steps, update_bound):
+    """As in test_parity: steps * 4 * eps * (max|p| + max|update|)."""
+    scale = max(p.abs().max().item() for p in params)
+    return steps * 4 * EPS[torch.float32] * (scale + update_bound)
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("direction", ["torch_to_fusedopt", "fusedopt_to_torch"])
+def test_resuming_from_a_checkpoint_continues_the_same_trajectory(ours, theirs, kwargs, direction):
+    first, second = (theirs, ours) if direction == "torch_to_fusedopt" else (ours, theirs)
+    params = model_params()
+    optimizer = first(params, **kwargs)
+    for step in range(4):
+        set_random_grads(params, step)
+        optimizer.step()
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    saved_params = [p.detach().clone() for p in params]
+
+    for step in range(4, 10):  # stay in the first implementation
+        set_random_grads(params, step)
+        optimizer.step()
+    stayed = [p.detach().clone() for p in params]
+
+    resumed_params = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    resumed = second(resumed_params, **kwargs)
+    resumed.load_state_dict(checkpoint)
+    for step in range(4, 10):
+        set_random_grads(resumed_params, step)
+        resumed.step()
+    grad_bound = 10 * kwargs["lr"] * 5  # |update| <= lr * |buf| <= lr * 10 * |g|, |g| < 5
+    atol = trajectory_atol(saved_params, 6, grad_bound)
+    for a, b in zip(resumed_params, stayed):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=atol)
+
+
+def test_fused_torch_checkpoint_with_device_steps_loads_with_host_steps():
+    params = model_params()
+    theirs = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    set_random_grads(params, 0)
+    theirs.step()
+    ours = fusedopt.AdamW(params, lr=1e-2)
+    ours.load_state_dict(theirs.state_dict())
+    for state in ours.state.values():
+        assert state["step"].dtype == torch.float32 and state["step"].device.type == "cpu"
+        assert state["step"].item() == 1.0
+    set_random_grads(params, 1)
+    ours.step()
+    assert all(s["step"].item() == 2.0 for s in ours.state.values())
+
+
+def test_round_trip_through_torch_keeps_state_bitwise():
+    params = model_params()
+    ours = fusedopt.AdamW(params, lr=1e-2, amsgrad=True)
+    for step in range(3):
+        set_random_grads(params, step)
+        ours.step()
+    original = copy.deepcopy(ours.state_dict())
+    theirs = torch.optim.AdamW(params, lr=1e-2, amsgrad=True)
+    theirs.load_state_dict(copy.deepcopy(original))
+    back = fusedopt.AdamW(params, lr=1e-2, amsgrad=True)
+    back.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    final = back.state_dict()
+    assert final["param_groups"] == original["param_groups"]
+    for index, state in original["state"].items():
+        for key, value in state.items():
+            assert torch.equal(final["state"][index][key], value), key
+
+
+def test_params_without_grad_are_skipped_and_keep_no_state():
+    params = model_params()
+    optimizer = fusedopt.AdamW(params, lr=1e-2)
+    set_random_grads(params, 0)
+    params[1].grad = None
+    before = params[1].detach().clone()
+    optimizer.step()
+    assert torch.equal(params[1].detach(), before)
+    assert params[1] not in optimizer.state
+    assert optimizer.state[params[0]]["step"].item() == 1.0
+
+
+def test_param_groups_add_param_group_and_zero_grad():
+    params = model_params()
+    optimizer = fusedopt.Adam([{"params": params[:2]}, {"params": params[2:3], "lr": 0.5}], lr=1e-3)
+    optimizer.add_param_group({"params": params[3:], "weight_decay": 0.2})
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 0.5, 1e-3]
+    assert optimizer.param_groups[2]["weight_decay"] == 0.2
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        optimizer.add_param_group({"params": params[:1]})
+    set_random_grads(params, 0)
+    reference = fusedopt.Adam(
+        [{"params": [torch.nn.Parameter(p.detach().clone()) for p in params[:2]]},
+         {"params": [torch.nn.Parameter(params[2].detach().clone())], "lr": 0.5},
+         {"params": [torch.nn.Parameter(params[3].detach().clone())], "weight_decay": 0.2}],
+        lr=1e-3, backend="reference",
+    )
+    for group, ref_group in zip(optimizer.param_groups, reference.param_groups):
+        for p, q in zip(group["params"], ref_group["params"]):
+            q.grad = p.grad.clone()
+    optimizer.step()
+    reference.step()
+    for group, ref_group in zip(optimizer.param_groups, reference.param_groups):
+        for p, q in zip(group["params"], ref_group["params"]):
+            assert torch.equal(p.detach(), q.detach())
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in params)
+
+
+def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data, target = torch.randn(8, 4), torch.randn(8, 1)
+    optimizer = fusedopt.AdamW(model.parameters(), lr=1e-2)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(data), target)
+        loss.backward()
+        return loss
+
+    first = optimizer.step(closure)
+    for _ in range(50):
+        last = optimizer.step(closure)
+    assert last.item() < first.item()
+
+
+SCHEDULERS = [
+    ("StepLR", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)),
+    ("MultiStepLR", lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2, 4])),
+    ("ConstantLR", lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=3)),
+    ("LinearLR", lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=4)),
+    ("ExponentialLR", lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9)),
+    ("PolynomialLR", lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=5)),
+    ("CosineAnnealingLR", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5)),
+    ("CosineAnnealingWarmRestarts",
+     lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=2)),
+    ("LambdaLR", lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1 / (e + 1))),
+    ("MultiplicativeLR", lambda o: torch.optim.lr_scheduler.MultiplicativeLR(o, lambda e: 0.95)),
+    ("OneCycleLR", lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10)),
+    ("CyclicLR", lambda o: torch.optim.lr_scheduler.CyclicLR(
+        o, base_lr=0.01, max_lr=0.1, step_size_up=2, cycle_momentum=True,
+        base_momentum=0.8, max_momentum=0.9)),
+    ("SequentialLR", lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=2),
+            torch.optim.lr_scheduler.ExponentialLR(o, 0.9)], milestones=[2])),
+    ("ChainedScheduler", lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+        [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=2),
+         torch.optim.lr_scheduler.ExponentialLR(o, 0.9)])),
+    ("ReduceLROnPlateau", lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5)),
+]
+
+
+@pytest.mark.parametrize("name,make_scheduler", SCHEDULERS, ids=[s[0] for s in SCHEDULERS])
+@pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=PAIR_IDS)
+def test_every_scheduler_drives_lr_and_momentum_as_in_torch(name, make_scheduler, ours, theirs, kwargs):
+    a_params, b_params = model_params(), model_params()
+    a, b = ours(a_params, **kwargs), theirs(b_params, **kwargs)
+    sa, sb = make_scheduler(a), make_scheduler(b)
+    for step in range(8):
+        set_random_grads(a_params, step)
+        set_random_grads(b_params, step)
+        a.step()
+        b.step()
+        if name == "ReduceLROnPlateau":
+            sa.step(1.0)
+            sb.step(1.0)
+        else:
+            sa.step()
+            sb.step()
+        for ga, gb in zip(a.param_groups, b.param_groups):
+            assert ga["lr"] == gb["lr"]
+            assert ga.get("betas") == gb.get("betas") and ga.get("momentum") == gb.get("momentum")
+    atol = trajectory_atol(b_params, 8, 10 * 0.1 * 5)
+    for p, q in zip(a_params, b_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=atol)
+
+
+def test_grad_scaler_unscales_and_skips_steps_with_infinite_grads():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    optimizer = fusedopt.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    data = torch.randn(5, 6)
+    loss = model(data).square().mean()
+    scaler.scale(loss).backward()
+    expected_grads = [p.grad / 1024.0 for p in model.parameters()]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for q, g in zip(reference, expected_grads):
+        q.grad = g.clone()
+    fusedopt.AdamW(reference, lr=1e-2, backend="reference").step()
+    scaler.step(optimizer)
+    scaler.update()
+    for p, q in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy(optimizer.state_dict()["state"])
+    optimizer.zero_grad()
+    scaler.scale(model(data).square().mean()).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    scaler.step(optimizer)  # skipped: found inf
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, state_before[index][key])
+
+
+def test_auto_backend_falls_back_to_reference_for_float64_with_one_warning():
+    params = [torch.nn.Parameter(torch.randn(9, dtype=torch.float64)) for _ in range(2)]
+    optimizer = fusedopt.AdamW(params, lr=1e-2)
+    with pytest.warns(UserWarning, match="do not step torch.float64 params"):
+        set_random_grads(params, 0)
+        optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_random_grads(params, 1)
+        optimizer.step()
+    kernel_only = fusedopt.AdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], backend="kernel")
+    kernel_only.param_groups[0]["params"][0].grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="backend='kernel', but fusedopt kernels do not step torch.float64"):
+        kernel_only.step()
+
+
+def test_float64_reference_path_matches_torch_closely():
+    shapes = [(31,), (4, 4)]
+    initial = make_params(shapes, torch.float64, seed=11)
+    grads = make_grads(shapes, torch.float64, 10, seed=11)
+    ours, _ = run_steps(lambda p: fusedopt.AdamW(p, lr=1e-2, backend="reference"), initial, grads)
+    theirs, _ = run_steps(lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=False), initial, grads)
+    atol = 10 * 4 * EPS[torch.float64] * (max(p.abs().max().item() for p in initial) + 4e-2)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def test_non_contiguous_dense_params_and_grads_in_other_layouts_step_correctly():
+    base = torch.randn(6, 10)
+    transposed = torch.nn.Parameter(base.t())  # dense, column-major
+    plain = torch.nn.Parameter(base.t().contiguous())
+    grad = torch.randn(10, 6)
+    transposed.grad = grad.clone()  # row-major grad for a column-major param
+    plain.grad = grad.clone()
+    fusedopt.AdamW([transposed], lr=1e-2, backend="kernel").step()
+    fusedopt.AdamW([plain], lr=1e-2, backend="reference").step()
+    assert torch.equal(transposed.detach(), plain.detach())
