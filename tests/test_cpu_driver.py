@@ -78,13 +78,18 @@ print(digest.hexdigest())
 """
 
 
-def test_every_compiled_isa_variant_gives_identical_bits():
+def run_python(script, tmp_path, **env):
+    """Runs `script` in a fresh interpreter; from tmp_path, so that `import fusedopt`
+    finds the installed package, not the unbuilt source tree of the checkout."""
+    return subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env),
+                          capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_every_compiled_isa_variant_gives_identical_bits(tmp_path):
     """Each ISA build (baseline, AVX2, AVX-512) rounds identically: no contraction, same conversions."""
     runnable = []
     for isa in C.cpu.compiled_isas():
-        env = dict(os.environ, FUSEDOPT_CPU_ISA=isa)
-        result = subprocess.run([sys.executable, "-c", ISA_SCRIPT.format(isa=isa)], env=env,
-                                capture_output=True, text=True)
+        result = run_python(ISA_SCRIPT.format(isa=isa), tmp_path, FUSEDOPT_CPU_ISA=isa)
         if "does not support it" in result.stderr:
             continue  # this CPU lacks the instruction set
         assert result.returncode == 0, result.stderr
@@ -93,10 +98,9 @@ def test_every_compiled_isa_variant_gives_identical_bits():
     assert len({digest for _, digest in runnable}) == 1, runnable
 
 
-def test_unknown_isa_override_is_refused_clearly():
-    env = dict(os.environ, FUSEDOPT_CPU_ISA="sse9")
+def test_unknown_isa_override_is_refused_clearly(tmp_path):
     script = "import torch, fusedopt; p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3); fusedopt.SGDW([p], lr=0.1).step()"
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    result = run_python(script, tmp_path, FUSEDOPT_CPU_ISA="sse9")
     assert result.returncode != 0
     assert "FUSEDOPT_CPU_ISA=sse9 is not compiled in" in result.stderr
 
