@@ -1,13 +1,15 @@
 """Builds fusedopt._C: a pybind11 module that does not link libtorch.
 
 Environment switches:
-  FUSEDOPT_CUDA=0|1          skip CUDA / require it (default: build it when nvcc is found)
-  FUSEDOPT_CUDA_ARCHS="90;100"  SM targets; the newest also gets PTX for later chips
-  FUSEDOPT_SANITIZE=1        compile and link the C++ code with ASan and UBSan
-  MAX_JOBS=N                 parallel compile jobs
+  FUSEDOPT_CUDA=0|1             skip CUDA / require it (default: build it when nvcc is found)
+  FUSEDOPT_CUDA_ARCHS="90;100"  SM targets (default 80;90;100;120: A100, H100/H200,
+                                Blackwell); the newest also gets PTX for later chips
+  FUSEDOPT_SANITIZE=1           compile and link the C++ code with ASan and UBSan
+  MAX_JOBS=N                    parallel compile jobs
 """
 import os
 import platform
+import shutil
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
@@ -31,13 +33,45 @@ SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer", "-g"]
 
 
+
+
+def find_nvcc():
+    """nvcc's path, None to build without CUDA; FUSEDOPT_CUDA=1 makes a missing nvcc an error."""
+    switch = os.environ.get("FUSEDOPT_CUDA", "")
+    if switch == "0":
+        return None
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = os.path.join(cuda_home, "bin", "nvcc")
+    nvcc = candidate if os.path.exists(candidate) else shutil.which("nvcc")
+    if nvcc is None and switch == "1":
+        raise RuntimeError("FUSEDOPT_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+    return nvcc
+
+
+def cuda_arch_flags(archs):
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+NVCC = find_nvcc()
+CUDA_ARCHS = os.environ.get("FUSEDOPT_CUDA_ARCHS", "80;90;100;120").replace(",", ";").split(";")
+# --fmad=false and IEEE division and sqrt (nvcc's defaults without --use_fast_math)
+# make the GPU round exactly as the CPU kernels and the reference.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xcompiler", "-fPIC,-fvisibility=hidden"]
+
+
 class BuildExt(build_ext):
-    """Adds the per-source ISA flags that setuptools has no place for."""
+    """Adds what setuptools has no place for: per-source ISA flags and nvcc for .cu files."""
 
     def build_extensions(self):
         default_compile = self.compiler._compile
+        self.compiler.src_extensions.append(".cu")
 
         def compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if src.endswith(".cu"):
+                arch_flags = cuda_arch_flags([a for a in CUDA_ARCHS if a])
+                self.spawn([NVCC, "-c", src, "-o", obj] + pp_opts + NVCC_FLAGS + arch_flags)
+                return
             postargs = list(extra_postargs) + X86_ISA_FLAGS.get(os.path.relpath(src), [])
             default_compile(obj, src, ext, cc_args, postargs, pp_opts)
 
@@ -56,6 +90,13 @@ macros = []
 if IS_X86_64:
     sources += list(X86_ISA_FLAGS)
     macros.append(("FUSEDOPT_X86_ISA_VARIANTS", "1"))
+link_dirs, link_libraries = [], []
+if NVCC is not None:
+    sources.append("csrc/cuda/kernels.cu")
+    macros += [("FUSEDOPT_WITH_CUDA", "1"), ("FUSEDOPT_CUDA_ARCH_LIST", f'"{";".join(CUDA_ARCHS)}"')]
+    # The runtime is linked statically: importing never needs a driver or libcudart.
+    link_dirs.append(os.path.join(os.path.dirname(os.path.dirname(NVCC)), "lib64"))
+    link_libraries += ["cudart_static", "dl", "rt"]
 
 extension = Pybind11Extension(
     "fusedopt._C",
@@ -65,6 +106,8 @@ extension = Pybind11Extension(
     cxx_std=17,
     extra_compile_args=COMMON_FLAGS + (SANITIZE_FLAGS if SANITIZE else []),
     extra_link_args=["-pthread"] + (["-fsanitize=address,undefined"] if SANITIZE else []),
+    library_dirs=link_dirs,
+    libraries=link_libraries,
 )
 
 ParallelCompile("MAX_JOBS", default=0).install()

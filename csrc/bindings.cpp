@@ -10,7 +10,11 @@
 #include <vector>
 
 #include "cpu/driver.h"
+#if defined(FUSEDOPT_WITH_CUDA)
+#include "cuda/driver.h"
+#endif
 #include "fusedopt/chunk_plan.h"
+#include "fusedopt/launch_plan.h"
 #include "fusedopt/step_args.h"
 
 namespace py = pybind11;
@@ -54,6 +58,20 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("numels"), py::arg("chunk_elements"), py::arg("min_task_elements"),
       "Task boundaries over the chunks of `numels`, as the CPU driver groups them.");
+
+  m.def(
+      "plan_launches",
+      [](const Numels& numels, int64_t chunk_elements, int max_tensors, int max_chunks) {
+        std::vector<std::tuple<std::vector<int64_t>, std::vector<int32_t>, std::vector<int32_t>>> out;
+        for (const auto& launch : fusedopt::plan_launches(numels, chunk_elements,
+                                                          {max_tensors, max_chunks})) {
+          out.emplace_back(launch.tensors, launch.chunk_slots, launch.chunk_indices);
+        }
+        return out;
+      },
+      py::arg("numels"), py::arg("chunk_elements"), py::arg("max_tensors"), py::arg("max_chunks"),
+      "CUDA launch packing (NOTE: [launch packing]): per launch, (tensors, chunk_slots, "
+      "chunk_indices).");
 
   py::class_<AdamStepArgs>(m, "AdamStepArgs", "Pointers and hyperparameters of one Adam call")
       .def(py::init<>())
@@ -102,6 +120,24 @@ PYBIND11_MODULE(_C, m) {
           "The instruction sets this build has kernels for.");
 
 #if defined(FUSEDOPT_WITH_CUDA)
+  py::module_ cuda = m.def_submodule("cuda", "CUDA kernels");
+  cuda.def("adam_step", &fusedopt::cuda::adam_step, py::arg("args"), py::arg("device"),
+           py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+           "One Adam/AdamW step over device tensors given by address, launched on `stream` "
+           "(a cudaStream_t as an integer) of `device`; step counters stay on the host.");
+  cuda.def("sgdw_step", &fusedopt::cuda::sgdw_step, py::arg("args"), py::arg("device"),
+           py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+           "One SGDW step over device tensors given by address, launched on `stream`.");
+  cuda.def("device_count", &fusedopt::cuda::device_count,
+           "CUDA devices the statically linked runtime sees (0 without a driver).");
+  cuda.def(
+      "launch_capacity",
+      [](int num_lists) {
+        const auto capacity = fusedopt::cuda::launch_capacity(num_lists);
+        return std::make_pair(capacity.max_tensors, capacity.max_chunks);
+      },
+      py::arg("num_lists"), "(max tensors, max chunks) of one launch with `num_lists` lists.");
+  cuda.attr("chunk_elements") = fusedopt::cuda::kChunkElements;
   m.attr("cuda_compiled") = true;
   m.attr("cuda_archs") = std::string(FUSEDOPT_CUDA_ARCH_LIST);
 #else

@@ -26,7 +26,7 @@ def backend_info():
         "cpu_isas_compiled": list(C.cpu.compiled_isas()) if C is not None else [],
         "cuda_compiled": cuda_compiled,
         "cuda_archs": C.cuda_archs if cuda_compiled else "",
-        "cuda_available": cuda_compiled and torch.cuda.is_available(),
+        "cuda_available": cuda_compiled and C.cuda.device_count() > 0 and torch.cuda.is_available(),
         "num_threads": torch.get_num_threads(),
         "import_error": _backend.IMPORT_ERROR,
     }

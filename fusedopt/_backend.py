@@ -39,7 +39,19 @@ KERNEL_CODES = _kernel_codes()
 
 def kernel_devices():
     """Device types the compiled kernels serve in this process."""
-    return ("cpu",) if _C is not None else ()
+    if _C is None:
+        return ()
+    return ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
+
+
+def launch(kernel_name, args, device):
+    """Runs the compiled `kernel_name` ("adam_step", "sgdw_step") for tensors on `device`:
+    on the CPU with torch's thread count, on CUDA on the device's current stream."""
+    if device.type == "cpu":
+        getattr(_C.cpu, kernel_name)(args, torch.get_num_threads())
+    else:
+        stream = torch.cuda.current_stream(device).cuda_stream
+        getattr(_C.cuda, kernel_name)(args, device.index, stream)
 
 
 def kernel_numel(tensor):

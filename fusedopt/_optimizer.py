@@ -65,8 +65,7 @@ class FusedOptimizer(Optimizer):
         """Writes this step's hyperparameters into a compiled-call argument object."""
         raise NotImplementedError
 
-    def _launch_kernel(self, args):
-        raise NotImplementedError
+    _kernel_name = None  # the compiled entry point: "adam_step" or "sgdw_step"
 
     def _reference_step(self, batch):
         raise NotImplementedError
@@ -96,7 +95,7 @@ class FusedOptimizer(Optimizer):
         for group, batches in work:
             if isinstance(batches, tuple):
                 steady, grads, hyper = batches
-                self._launch_kernel(steady.refresh(self, grads, hyper))
+                _backend.launch(self._kernel_name, steady.refresh(self, grads, hyper), steady.device)
                 continue
             self._steady_plans.pop(id(group), None)
             for batch in batches:
@@ -106,7 +105,7 @@ class FusedOptimizer(Optimizer):
                     self._init_state(param, batch.states[index], batch.group)
                 if batch.use_kernel:
                     for args in self._kernel_args(batch):
-                        self._launch_kernel(args)
+                        _backend.launch(self._kernel_name, args, batch.params[0].device)
                 else:
                     self._reference_step(batch)
             if len(batches) == 1 and batch.use_kernel:

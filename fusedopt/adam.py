@@ -78,6 +78,8 @@ class Adam(FusedOptimizer):
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", False)
 
+    _kernel_name = "adam_step"
+
     def _state_keys(self, group):
         if group.get("amsgrad", False):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -146,9 +148,6 @@ class Adam(FusedOptimizer):
             args.decay = WeightDecay.l2
         args.amsgrad = hyper["amsgrad"]
         args.maximize = hyper["maximize"]
-
-    def _launch_kernel(self, args):
-        _backend._C.cpu.adam_step(args, torch.get_num_threads())
 
     def _reference_step(self, batch):
         h = batch.hyper

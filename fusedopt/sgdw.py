@@ -62,6 +62,8 @@ class SGDW(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
 
+    _kernel_name = "sgdw_step"
+
     def _state_keys(self, group):
         return ("momentum_buffer",) if group.get("momentum", 0) != 0 else ()
 
@@ -124,9 +126,6 @@ class SGDW(FusedOptimizer):
         args.weight_decay = hyper["weight_decay"]
         args.nesterov = hyper["nesterov"]
         args.maximize = hyper["maximize"]
-
-    def _launch_kernel(self, args):
-        _backend._C.cpu.sgdw_step(args, torch.get_num_threads())
 
     def _reference_step(self, batch):
         h = batch.hyper

@@ -1,0 +1,365 @@
+// The CUDA kernels and their host-side launchers.
+//
+// Each thread block updates one chunk of one tensor (NOTE: [launch packing]):
+// every element of param, grad and state is loaded once, updated in fp32 registers
+// by the rules of update.h, and stored once. Loads and stores are 16-byte vectors
+// when every pointer of the tensor allows it, element by element otherwise (views
+// with odd storage offsets are real). Compiled with --fmad=false and IEEE division
+// and square root, so the GPU rounds exactly as the CPU kernels and the reference.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "driver.h"
+#include "fusedopt/dtypes.h"
+#include "fusedopt/update.h"
+
+namespace fusedopt::cuda {
+namespace {
+
+constexpr int kBlockThreads = 512;
+constexpr int kMaxTensors = 256;
+// Kernel parameters may take 32,764 bytes (CUDA 12.1+, Volta and newer).
+constexpr int kParamBytes = 32000;
+
+template <int kNumLists, typename TensorScalars>
+struct LaunchTable {
+  static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + sizeof(TensorScalars);
+  static constexpr int kMaxChunks = (kParamBytes - 256 - kMaxTensors * kPerTensorBytes) / 8;
+
+  void* pointers[kNumLists][kMaxTensors];
+  int64_t numels[kMaxTensors];
+  TensorScalars tensor_scalars[kMaxTensors];
+  int32_t chunk_slots[kMaxChunks];
+  int32_t chunk_indices[kMaxChunks];
+};
+
+// Per-tensor part of the Adam scalars (they depend on the tensor's step count).
+struct AdamTensorScalars {
+  float step_size;
+  float bias_correction2_sqrt;
+};
+struct NoTensorScalars {};
+
+template <typename T, int kElements>
+struct alignas(sizeof(T) * kElements) Vector {
+  T values[kElements];
+};
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("fusedopt CUDA ") + what + " failed: " +
+                             cudaGetErrorString(status));
+  }
+}
+
+// Runs `update(values)` over every element of one chunk. List 0 is the param,
+// list 1 the grad (read only), the others are states stored like the param.
+template <typename ParamT, typename GradT, int kNumLists, typename Update>
+__device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists], int64_t n,
+                                             const Update& update) {
+  constexpr int kVec = 16 / sizeof(ParamT);
+  bool aligned = true;
+#pragma unroll
+  for (int l = 0; l < kNumLists; ++l) {
+    const size_t bytes = (l == 1 ? sizeof(GradT) : sizeof(ParamT)) * kVec;
+    aligned = aligned && reinterpret_cast<uintptr_t>(pointers[l]) % bytes == 0;
+  }
+  const int64_t vector_end = aligned ? n - n % kVec : 0;
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end;
+       i += static_cast<int64_t>(blockDim.x) * kVec) {
+    float values[kNumLists][kVec];
+#pragma unroll
+    for (int l = 0; l < kNumLists; ++l) {
+      if (l == 1) {
+        const auto loaded = *reinterpret_cast<const Vector<GradT, kVec>*>(
+            static_cast<const GradT*>(pointers[l]) + i);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
+      } else {
+        const auto loaded = *reinterpret_cast<const Vector<ParamT, kVec>*>(
+            static_cast<const ParamT*>(pointers[l]) + i);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      float element[kNumLists];
+#pragma unroll
+      for (int l = 0; l < kNumLists; ++l) element[l] = values[l][e];
+      update(element);
+#pragma unroll
+      for (int l = 0; l < kNumLists; ++l) values[l][e] = element[l];
+    }
+#pragma unroll
+    for (int l = 0; l < kNumLists; ++l) {
+      if (l == 1) continue;
+      Vector<ParamT, kVec> stored;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) stored.values[e] = from_float<ParamT>(values[l][e]);
+      *reinterpret_cast<Vector<ParamT, kVec>*>(static_cast<ParamT*>(pointers[l]) + i) = stored;
+    }
+  }
+  for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
+    float element[kNumLists];
+#pragma unroll
+    for (int l = 0; l < kNumLists; ++l) {
+      element[l] = l == 1 ? to_float(static_cast<const GradT*>(pointers[l])[i])
+                          : to_float(static_cast<const ParamT*>(pointers[l])[i]);
+    }
+    update(element);
+#pragma unroll
+    for (int l = 0; l < kNumLists; ++l) {
+      if (l != 1) static_cast<ParamT*>(pointers[l])[i] = from_float<ParamT>(element[l]);
+    }
+  }
+}
+
+// The chunk this block owns: its tensor's pointers advanced to the chunk start.
+template <int kNumLists, typename TensorScalars>
+__device__ __forceinline__ int64_t locate_chunk(const LaunchTable<kNumLists, TensorScalars>& table,
+                                                void* (&pointers)[kNumLists], int& slot,
+                                                int64_t element_bytes[kNumLists]) {
+  slot = table.chunk_slots[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(table.chunk_indices[blockIdx.x]) * kChunkElements;
+#pragma unroll
+  for (int l = 0; l < kNumLists; ++l) {
+    pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * element_bytes[l];
+  }
+  const int64_t remaining = table.numels[slot] - begin;
+  return remaining < kChunkElements ? remaining : kChunkElements;
+}
+
+template <typename ParamT, typename GradT, WeightDecay kDecay, bool kAmsgrad, bool kMaximize>
+__global__ void __launch_bounds__(kBlockThreads)
+    adam_kernel(const __grid_constant__ LaunchTable<kAmsgrad ? 5 : 4, AdamTensorScalars> table,
+                const AdamScalars shared) {
+  constexpr int kNumLists = kAmsgrad ? 5 : 4;
+  int64_t element_bytes[kNumLists];
+#pragma unroll
+  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
+  void* pointers[kNumLists];
+  int slot;
+  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  AdamScalars scalars = shared;
+  scalars.step_size = table.tensor_scalars[slot].step_size;
+  scalars.bias_correction2_sqrt = table.tensor_scalars[slot].bias_correction2_sqrt;
+  update_chunk<ParamT, GradT, kNumLists>(pointers, n, [&](float (&v)[kNumLists]) {
+    float unused_max = 0.0f;
+    adam_update<kDecay, kAmsgrad, kMaximize>(v[0], v[1], v[2], v[3],
+                                            kAmsgrad ? v[kNumLists - 1] : unused_max, scalars);
+  });
+}
+
+template <typename ParamT, typename GradT, bool kDecoupledDecay, Momentum kMomentum, bool kNesterov,
+          bool kMaximize>
+__global__ void __launch_bounds__(kBlockThreads)
+    sgdw_kernel(const __grid_constant__ LaunchTable<kMomentum == Momentum::kNone ? 2 : 3,
+                                                    NoTensorScalars> table,
+                const SgdScalars scalars) {
+  constexpr int kNumLists = kMomentum == Momentum::kNone ? 2 : 3;
+  int64_t element_bytes[kNumLists];
+#pragma unroll
+  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
+  void* pointers[kNumLists];
+  int slot;
+  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  update_chunk<ParamT, GradT, kNumLists>(pointers, n, [&](float (&v)[kNumLists]) {
+    float unused_buffer = 0.0f;
+    sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(
+        v[0], v[1], kMomentum == Momentum::kNone ? unused_buffer : v[kNumLists - 1], scalars);
+  });
+}
+
+// Sets the device for the duration of a call and restores the caller's.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+void with_scalar_type(ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case ScalarType::kBFloat16:
+      return f(TypeTag<BFloat16>{});
+    case ScalarType::kFloat16:
+      return f(TypeTag<Float16>{});
+    case ScalarType::kFloat32:
+      return f(TypeTag<float>{});
+  }
+  throw std::invalid_argument("unknown dtype code");
+}
+
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Fills one launch table from a plan and the step's pointer lists, then launches.
+template <typename Table, typename Kernel, typename Shared, typename TensorScalarsOf>
+void launch_all(const std::vector<const std::vector<uintptr_t>*>& lists,
+                const std::vector<int64_t>& numels, Kernel kernel, const Shared& shared,
+                TensorScalarsOf tensor_scalars_of, cudaStream_t stream) {
+  constexpr int kNumLists = sizeof(Table::pointers) / sizeof(Table::pointers[0]);
+  static_assert(sizeof(Table) <= kParamBytes, "launch table exceeds the kernel parameter space");
+  const LaunchCapacity capacity{kMaxTensors, Table::kMaxChunks};
+  for (const LaunchPlan& plan : plan_launches(numels, kChunkElements, capacity)) {
+    Table table;
+    for (size_t slot = 0; slot < plan.tensors.size(); ++slot) {
+      const int64_t tensor = plan.tensors[slot];
+      for (int l = 0; l < kNumLists; ++l) {
+        table.pointers[l][slot] = reinterpret_cast<void*>((*lists[l])[tensor]);
+      }
+      table.numels[slot] = numels[tensor];
+      table.tensor_scalars[slot] = tensor_scalars_of(tensor);
+    }
+    for (size_t c = 0; c < plan.chunk_slots.size(); ++c) {
+      table.chunk_slots[c] = plan.chunk_slots[c];
+      table.chunk_indices[c] = plan.chunk_indices[c];
+    }
+    kernel<<<static_cast<unsigned>(plan.chunk_slots.size()), kBlockThreads, 0, stream>>>(table,
+                                                                                       shared);
+    check(cudaGetLastError(), "kernel launch");
+  }
+}
+
+void check_list(const std::vector<uintptr_t>& list, size_t expected, const char* name) {
+  if (list.size() != expected) {
+    throw std::invalid_argument(std::string(name) + " has " + std::to_string(list.size()) +
+                                " entries, expected " + std::to_string(expected));
+  }
+}
+
+}  // namespace
+
+LaunchCapacity launch_capacity(int num_lists) {
+  switch (num_lists) {
+    case 2:
+      return {kMaxTensors, LaunchTable<2, NoTensorScalars>::kMaxChunks};
+    case 3:
+      return {kMaxTensors, LaunchTable<3, NoTensorScalars>::kMaxChunks};
+    case 4:
+      return {kMaxTensors, LaunchTable<4, AdamTensorScalars>::kMaxChunks};
+    case 5:
+      return {kMaxTensors, LaunchTable<5, AdamTensorScalars>::kMaxChunks};
+  }
+  throw std::invalid_argument("launch tables hold 2 to 5 lists");
+}
+
+void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
+  const size_t n = args.numels.size();
+  check_list(args.params, n, "params");
+  check_list(args.grads, n, "grads");
+  check_list(args.exp_avgs, n, "exp_avgs");
+  check_list(args.exp_avg_sqs, n, "exp_avg_sqs");
+  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs");
+  check_list(args.steps, n, "steps");
+  plan_launches(args.numels, kChunkElements, launch_capacity(args.amsgrad ? 5 : 4));  // validates
+  DeviceGuard guard(device);
+  const std::vector<AdamScalars> scalars = advance_adam_steps(args);
+  const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
+  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
+                                                   &args.exp_avg_sqs};
+  if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
+  auto tensor_scalars_of = [&](int64_t t) {
+    return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
+  };
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  with_scalar_type(args.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    with_bool(args.amsgrad, [&](auto amsgrad) {
+      with_bool(args.maximize, [&](auto maximize) {
+        using Table = LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>;
+        switch (args.decay) {
+          case WeightDecay::kNone:
+            return launch_all<Table>(lists, args.numels,
+                                     adam_kernel<T, T, WeightDecay::kNone, amsgrad.value, maximize.value>,
+                                     shared, tensor_scalars_of, cuda_stream);
+          case WeightDecay::kL2:
+            return launch_all<Table>(lists, args.numels,
+                                     adam_kernel<T, T, WeightDecay::kL2, amsgrad.value, maximize.value>,
+                                     shared, tensor_scalars_of, cuda_stream);
+          case WeightDecay::kDecoupled:
+            return launch_all<Table>(
+                lists, args.numels,
+                adam_kernel<T, T, WeightDecay::kDecoupled, amsgrad.value, maximize.value>, shared,
+                tensor_scalars_of, cuda_stream);
+        }
+      });
+    });
+  });
+}
+
+void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
+  const size_t n = args.numels.size();
+  const bool has_buffer = args.momentum_mode != Momentum::kNone;
+  check_list(args.params, n, "params");
+  check_list(args.grads, n, "grads");
+  check_list(args.momentum_buffers, has_buffer ? n : 0, "momentum_buffers");
+  plan_launches(args.numels, kChunkElements, launch_capacity(has_buffer ? 3 : 2));  // validates
+  DeviceGuard guard(device);
+  const SgdScalars scalars = sgdw_scalars(args);
+  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
+  if (has_buffer) lists.push_back(&args.momentum_buffers);
+  auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  with_scalar_type(args.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    with_bool(args.weight_decay != 0.0, [&](auto decay) {
+      with_bool(args.nesterov, [&](auto nesterov) {
+        with_bool(args.maximize, [&](auto maximize) {
+          switch (args.momentum_mode) {
+            case Momentum::kNone:
+              return launch_all<LaunchTable<2, NoTensorScalars>>(
+                  lists, args.numels,
+                  sgdw_kernel<T, T, decay.value, Momentum::kNone, false, maximize.value>, scalars,
+                  no_tensor_scalars, cuda_stream);
+            case Momentum::kFirstStep:
+              return launch_all<LaunchTable<3, NoTensorScalars>>(
+                  lists, args.numels,
+                  sgdw_kernel<T, T, decay.value, Momentum::kFirstStep, nesterov.value,
+                              maximize.value>,
+                  scalars, no_tensor_scalars, cuda_stream);
+            case Momentum::kRunning:
+              return launch_all<LaunchTable<3, NoTensorScalars>>(
+                  lists, args.numels,
+                  sgdw_kernel<T, T, decay.value, Momentum::kRunning, nesterov.value,
+                              maximize.value>,
+                  scalars, no_tensor_scalars, cuda_stream);
+          }
+        });
+      });
+    });
+  });
+}
+
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return count;
+}
+
+}  // namespace fusedopt::cuda

@@ -1,0 +1,148 @@
+"""CUDA kernels: every optimizer x dtype x option against the reference on the same
+device, launch packing at scale, misaligned views, huge tensors, streams, and torch.
+
+Skipped where no CUDA device is visible (CI has none: these run on a GPU machine).
+The tolerance rules are those of test_parity.py: the kernels are compiled with
+--fmad=false and IEEE division and square root, so they match the reference bit
+for bit; against torch.optim.AdamW(fused=True) the float64-oracle rule applies.
+"""
+import pytest
+import torch
+
+import fusedopt
+from conftest import KERNEL_DTYPES, SHAPES, make_grads, make_params, max_abs_error, run_steps
+from test_parity import (
+    ADAM_OPTIONS, SGDW_OPTIONS, STEPS, assert_bitwise_equal, assert_states_bitwise_equal,
+    fusedopt_adam, fusedopt_sgdw, option_id,
+)
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not fusedopt.backend_info()["cuda_available"], reason="no CUDA device"),
+]
+
+
+def to_cuda(tensors):
+    return [t.cuda() for t in tensors]
+
+
+def run_on_cuda(make_optimizer, initial, grads):
+    params, optimizer = run_steps(make_optimizer, to_cuda(initial), [to_cuda(g) for g in grads])
+    torch.cuda.synchronize()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=option_id)
+def test_adam_cuda_kernel_matches_reference_bitwise(dtype, options):
+    initial = make_params(SHAPES, dtype, seed=21)
+    grads = make_grads(SHAPES, dtype, STEPS, seed=21)
+    kernel, kernel_opt = run_on_cuda(fusedopt_adam(options, backend="kernel"), initial, grads)
+    spec, spec_opt = run_on_cuda(fusedopt_adam(options, backend="reference"), initial, grads)
+    assert_bitwise_equal(kernel, spec)
+    assert_states_bitwise_equal(kernel_opt, spec_opt)
+    cpu, _ = run_steps(fusedopt_adam(options, backend="kernel"), initial, grads)
+    assert_bitwise_equal([k.cpu() for k in kernel], cpu)  # GPU and CPU kernels round alike
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("options", SGDW_OPTIONS, ids=option_id)
+def test_sgdw_cuda_kernel_matches_reference_bitwise(dtype, options):
+    initial = make_params(SHAPES, dtype, seed=22)
+    grads = make_grads(SHAPES, dtype, STEPS, seed=22)
+    kernel, kernel_opt = run_on_cuda(fusedopt_sgdw(options, backend="kernel"), initial, grads)
+    spec, spec_opt = run_on_cuda(fusedopt_sgdw(options, backend="reference"), initial, grads)
+    assert_bitwise_equal(kernel, spec)
+    assert_states_bitwise_equal(kernel_opt, spec_opt)
+
+
+def test_more_tensors_and_chunks_than_one_launch_holds():
+    """600 tensors (> 256 table slots) and one tensor of > 2,176 chunks of 65,536 elements."""
+    shapes = [(int(n),) for n in torch.randint(1, 5000, (600,), generator=torch.Generator().manual_seed(1))]
+    shapes.append((2300 * 65536 + 3,))
+    initial = make_params(shapes, torch.bfloat16, seed=23)
+    grads = make_grads(shapes, torch.bfloat16, 2, seed=23)
+    options = dict(decoupled=True, weight_decay=0.1, amsgrad=True, maximize=False)
+    kernel, _ = run_on_cuda(fusedopt_adam(options, backend="kernel"), initial, grads)
+    spec, _ = run_on_cuda(fusedopt_adam(options, backend="reference"), initial, grads)
+    assert_bitwise_equal(kernel, spec)
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3, 5])
+def test_misaligned_views_take_the_scalar_path_correctly(offset):
+    storage = [torch.randn(4099 + offset, device="cuda") for _ in range(2)]
+    views = [torch.nn.Parameter(s[offset:]) for s in storage]
+    copies = [torch.nn.Parameter(v.detach().clone()) for v in views]
+    for step in range(3):
+        grad_storage = torch.randn(4099 + 7, device="cuda")
+        for v, c in zip(views, copies):
+            v.grad = grad_storage[7 - offset % 7:][: 4099]  # misaligned grads too
+            c.grad = v.grad.clone()
+        if step == 0:
+            kernel = fusedopt.AdamW(views, lr=1e-2, amsgrad=True, backend="kernel")
+            spec = fusedopt.AdamW(copies, lr=1e-2, amsgrad=True, backend="reference")
+        kernel.step()
+        spec.step()
+    assert_bitwise_equal([v.detach() for v in views], [c.detach() for c in copies])
+
+
+def test_a_tensor_over_two_to_the_31_elements():
+    numel = 2**31 + 4099
+    param = torch.nn.Parameter(torch.full((numel,), 0.5, dtype=torch.bfloat16, device="cuda"))
+    tail = torch.randn(64, device="cuda").to(torch.bfloat16)
+    param.data[-64:] = tail
+    param.grad = torch.full_like(param, 0.25)
+    param.grad[-64:] = torch.randn(64, device="cuda").to(torch.bfloat16)
+    expected_tail = torch.nn.Parameter(param.detach()[-64:].clone())
+    expected_tail.grad = param.grad[-64:].clone()
+    optimizer = fusedopt.AdamW([param], lr=1e-2, backend="kernel")
+    optimizer.step()
+    fusedopt.AdamW([expected_tail], lr=1e-2, backend="reference").step()
+    torch.cuda.synchronize()
+    assert torch.equal(param.detach()[-64:], expected_tail.detach())
+    assert torch.equal(optimizer.state[param]["exp_avg"][-64:], (0.1 * expected_tail.grad.float()).bfloat16())
+
+
+def test_step_runs_on_the_callers_current_stream():
+    side = torch.cuda.Stream()
+    params = [torch.nn.Parameter(torch.randn(1 << 20, device="cuda")) for _ in range(4)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    optimizer = fusedopt.AdamW(params, lr=1e-2, backend="kernel")
+    reference = fusedopt.AdamW(copies, lr=1e-2, backend="reference")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        for p, c in zip(params, copies):
+            p.grad = torch.randn_like(p)  # produced on the side stream
+            c.grad = p.grad.clone()
+        optimizer.step()  # must be ordered after the grads on `side`
+        reference.step()
+    side.synchronize()
+    assert_bitwise_equal([p.detach() for p in params], [c.detach() for c in copies])
+
+
+def test_agrees_with_torch_fused_adamw_against_a_float64_oracle():
+    shapes = [(257,), (64, 33), (100003,)]
+    for dtype in KERNEL_DTYPES:
+        initial = make_params(shapes, dtype, seed=24)
+        grads = make_grads(shapes, dtype, STEPS, seed=24)
+        options = dict(decoupled=True, weight_decay=0.1, amsgrad=False, maximize=False)
+        oracle, _ = run_on_cuda(fusedopt_adam(options, backend="reference"),
+                                [p.double() for p in initial], [[g.double() for g in s] for s in grads])
+        ours, _ = run_on_cuda(fusedopt_adam(options, backend="kernel"), initial, grads)
+        theirs, _ = run_on_cuda(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+                                initial, grads)
+        our_error, torch_error = max_abs_error(ours, oracle), max_abs_error(theirs, oracle)
+        one_ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * max(
+            p.abs().max().item() for p in oracle)
+        assert our_error <= 2 * torch_error + one_ulp, (dtype, our_error, torch_error)
+
+
+def test_launch_errors_raise_with_the_cuda_message():
+    param = torch.nn.Parameter(torch.randn(16, device="cuda"))
+    param.grad = torch.randn(16, device="cuda")
+    optimizer = fusedopt.SGDW([param], lr=0.1, backend="kernel")
+    optimizer.step()
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="fusedopt CUDA cudaSetDevice failed"):
+        fusedopt._backend._C.cuda.sgdw_step(optimizer._steady_plans[id(optimizer.param_groups[0])].args,
+                                            torch.cuda.device_count() + 5, 0)
