@@ -6,6 +6,7 @@ optimizers would never allow). Exits 0 only if AddressSanitizer stops the write.
 """
 import subprocess
 import sys
+import tempfile
 
 OVERFLOW = """
 import numpy as np
@@ -21,7 +22,9 @@ args.lr = 0.1
 C.cpu.sgdw_step(args, 1)
 """
 
-result = subprocess.run([sys.executable, "-c", OVERFLOW], capture_output=True, text=True)
+# Run outside the checkout so `import fusedopt` finds the installed (sanitized) build.
+result = subprocess.run([sys.executable, "-c", OVERFLOW], capture_output=True, text=True,
+                        cwd=tempfile.gettempdir())
 if result.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in result.stderr:
     print("sanitizer canary: out-of-bounds write reported, as it must be")
     sys.exit(0)
