@@ -12,7 +12,6 @@ AdamScalars adam_scalars(const AdamStepArgs& args, double step) {
   const double bias_correction1 = 1.0 - std::pow(args.beta1, step);
   const double bias_correction2 = 1.0 - std::pow(args.beta2, step);
   AdamScalars s;
-  s.beta1 = static_cast<float>(args.beta1);
   s.one_minus_beta1 = static_cast<float>(1.0 - args.beta1);
   s.beta2 = static_cast<float>(args.beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - args.beta2);

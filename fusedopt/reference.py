@@ -45,6 +45,19 @@ def _sqrt(tensor):
     return tensor.double().sqrt().to(tensor.dtype)
 
 
+def _lerp(start, end, weight):
+    """torch.lerp's formula, written out so that no fused multiply-add is involved.
+
+    Adam's first moment uses it as torch.optim does: after an infinite gradient the
+    moment becomes NaN on the next step, exactly as in torch.
+    """
+    if start.dtype != torch.float64:
+        weight = float(torch.tensor(weight, dtype=torch.float32))  # the kernels' fp32 weight
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
+
+
 def _store(destination, value):
     if destination.is_complex():
         destination = torch.view_as_real(destination)
@@ -89,7 +102,7 @@ def adam_step_(
         g = g + weight_decay * p  # L2: the decay enters the moments
     if weight_decay != 0 and decoupled:
         p = p * (1 - lr * weight_decay)  # decoupled: shrink the weights directly
-    m = beta1 * m + (1 - beta1) * g
+    m = _lerp(m, g, 1 - beta1)  # m = beta1 * m + (1 - beta1) * g, in torch's form
     v = beta2 * v + (1 - beta2) * (g * g)
     second_moment = v
     if amsgrad:

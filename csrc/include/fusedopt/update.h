@@ -26,7 +26,6 @@ enum class WeightDecay : int {
 // Scalars of one Adam step for one tensor; derived on the host in double from the
 // hyperparameters and the tensor's step count, then rounded to fp32 once.
 struct AdamScalars {
-  float beta1;
   float one_minus_beta1;
   float beta2;
   float one_minus_beta2;
@@ -42,6 +41,14 @@ FUSEDOPT_HOST_DEVICE float nan_propagating_max(float a, float b) {
   return (a > b || a != a) ? a : b;
 }
 
+// torch.lerp's formula: start + weight * (end - start), or from the other end when
+// the weight is large. Adam's first moment uses it as torch.optim does, so that an
+// infinite gradient turns the moment into NaN on the next step exactly as in torch.
+FUSEDOPT_HOST_DEVICE float lerp(float start, float end, float weight) {
+  return (weight < 0.5f && weight > -0.5f) ? start + weight * (end - start)
+                                           : end - (end - start) * (1.0f - weight);
+}
+
 // Adam (Kingma & Ba) with L2 decay, or AdamW (Loshchilov & Hutter, Algorithm 2).
 template <WeightDecay kDecay, bool kAmsgrad, bool kMaximize>
 FUSEDOPT_HOST_DEVICE void adam_update(float& param, float grad, float& exp_avg, float& exp_avg_sq,
@@ -49,7 +56,7 @@ FUSEDOPT_HOST_DEVICE void adam_update(float& param, float grad, float& exp_avg, 
   if (kMaximize) grad = -grad;
   if (kDecay == WeightDecay::kL2) grad = grad + s.weight_decay * param;
   if (kDecay == WeightDecay::kDecoupled) param = param * s.decay_factor;
-  exp_avg = s.beta1 * exp_avg + s.one_minus_beta1 * grad;
+  exp_avg = lerp(exp_avg, grad, s.one_minus_beta1);
   exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (grad * grad);
   float second_moment = exp_avg_sq;
   if (kAmsgrad) {
