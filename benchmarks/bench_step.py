@@ -67,6 +67,7 @@ WORKLOADS = [
     Workload("large", [(1 << 24,)] * 10, cpu=[(1 << 23,)] * 4, quick_cpu=[(1 << 22,)] * 4),
     Workload("gpt2-124m", gpt2_shapes(12), quick_cpu=gpt2_shapes(2)),
     Workload("llama-layers", llama_shapes(16), cpu=llama_shapes(2), quick_cpu=llama_shapes(1)),
+    Workload("many-4k", [(4096,)] * 2000),  # the foundation issue's CPU target shape
     Workload("mid", [(1024,)] * 1000),
     Workload("tiny", [(64,)] * 10_000),
 ]

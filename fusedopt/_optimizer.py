@@ -2,6 +2,7 @@
 and checkpoint loading that refuses bad input before changing anything."""
 import operator
 import warnings
+from itertools import repeat
 from operator import attrgetter, itemgetter
 
 import torch
@@ -87,15 +88,19 @@ class FusedOptimizer(Optimizer):
         work = []  # (group, steady plan and its grads and hyperparameters) or (group, batches)
         for group_index, group in enumerate(self.param_groups):
             steady = self._steady_plans.get(id(group))
-            grads = steady.grads_if_unchanged(self, group) if steady is not None else None
-            if grads is not None:
-                work.append((group, (steady, grads, self._hyperparameters(group, steady.device))))
+            grad_addresses = None
+            if steady is not None:
+                grad_addresses = steady.grad_addresses_if_unchanged(self, group)
+            if grad_addresses is not None:
+                hyper = self._hyperparameters(group, steady.device)
+                work.append((group, (steady, grad_addresses, hyper)))
             else:
                 work.append((group, self._plan_group(group_index, group)))
         for group, batches in work:
             if isinstance(batches, tuple):
-                steady, grads, hyper = batches
-                _backend.launch(self._kernel_name, steady.refresh(self, grads, hyper), steady.device)
+                steady, grad_addresses, hyper = batches
+                args = steady.refresh(self, grad_addresses, hyper)
+                _backend.launch(self._kernel_name, args, steady.device)
                 continue
             self._steady_plans.pop(id(group), None)
             for batch in batches:
@@ -250,9 +255,7 @@ class FusedOptimizer(Optimizer):
                 state[key] = torch.empty_like(param).copy_(tensor)
 
 
-_LAYOUT = attrgetter("layout")
 _DTYPE = attrgetter("dtype")
-_DEVICE = attrgetter("device")
 _SHAPE = attrgetter("shape")
 _GRAD = attrgetter("grad")
 
@@ -293,10 +296,14 @@ class SteadyPlan:
         plan.args = kernel_args[0]
         return plan
 
-    def grads_if_unchanged(self, optimizer, group):
-        """This step's grads if the plan still describes `group`, else None.
+    def grad_addresses_if_unchanged(self, optimizer, group):
+        """The addresses of this step's grads if the plan still describes `group`, else None.
 
-        The caller has checked that no entry of `optimizer.state` was replaced.
+        The caller has checked that no entry of `optimizer.state` was replaced. Two
+        grad checks of the full planning are left out on purpose: torch itself keeps
+        a grad on its param's device (the `grad` setter and `.data` refuse others), and
+        a sparse or other non-strided grad has no data pointer, so asking for one raises
+        and sends the group to the full planning, which names the problem.
         """
         params = group["params"]
         if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
@@ -312,24 +319,23 @@ class SteadyPlan:
         except KeyError:  # a state entry was deleted
             return None
         grads = list(map(_GRAD, params))
-        if not all(map(_is_not_none, grads)):
+        if any(map(operator.is_, grads, repeat(None))):
+            return None
+        try:
+            addresses = list(map(Tensor.data_ptr, grads))
+            contiguous = all(map(Tensor.is_contiguous, grads))
+        except RuntimeError:
             return None
         if (
-            set(map(_LAYOUT, grads)) != {torch.strided}
-            or not all(map(Tensor.is_contiguous, grads))
+            not contiguous
             or set(map(_DTYPE, grads)) != {self.dtype}
-            or set(map(_DEVICE, grads)) != {self.device}
             or list(map(_SHAPE, grads)) != self.shapes
         ):
-            return None  # the full planning names the offending grad
-        return grads
+            return None
+        return addresses
 
-    def refresh(self, optimizer, grads, hyper):
+    def refresh(self, optimizer, grad_addresses, hyper):
         """The kept call arguments with this step's grads and hyperparameters."""
-        self.args.grads = list(map(Tensor.data_ptr, grads))
+        self.args.grads = grad_addresses
         optimizer._set_kernel_hyperparameters(self.args, hyper)
         return self.args
-
-
-def _is_not_none(value):
-    return value is not None

@@ -36,7 +36,7 @@ def test_json_report_has_a_measured_row_per_workload(smoke_run):
     assert report["copy_gbps"] > 0
     workloads = {row["workload"] for row in report["rows"]}
     assert workloads == set(report["workloads"]) == {
-        "large", "gpt2-124m", "llama-layers", "mid", "tiny"}
+        "large", "gpt2-124m", "llama-layers", "many-4k", "mid", "tiny"}
     for workload in workloads:
         rows = [row for row in report["rows"] if row["workload"] == workload]
         optimizers = {(row["optimizer"], row["dtype"]) for row in rows}
