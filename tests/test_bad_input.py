@@ -188,3 +188,12 @@ def test_refused_load_names_the_problem_and_changes_nothing(name, corrupt, messa
     with pytest.raises(ValueError, match=message):
         optimizer.load_state_dict(state_dict)
     assert_unchanged(optimizer, before)
+
+
+def test_adding_a_param_already_in_another_group_is_refused_and_changes_nothing():
+    optimizer, groups = stepped_optimizer()
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        optimizer.add_param_group({"params": [groups[0][1]], "lr": 0.5})
+    assert len(optimizer.param_groups) == 2
+    assert_unchanged(optimizer, before)
