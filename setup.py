@@ -81,7 +81,7 @@ class BuildExt(build_ext):
 
 sources = [
     "csrc/bindings.cpp",
-    "csrc/step_scalars.cpp",
+    "csrc/step_args.cpp",
     "csrc/cpu/driver.cpp",
     "csrc/cpu/thread_pool.cpp",
     "csrc/cpu/kernels_baseline.cpp",

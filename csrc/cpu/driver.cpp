@@ -97,13 +97,6 @@ void run(const WorkPlan& plan, int num_threads, const KernelArgs& args, Kernel k
   });
 }
 
-void check_list(const std::vector<uintptr_t>& list, size_t expected, const char* name) {
-  if (list.size() != expected) {
-    throw std::invalid_argument(std::string(name) + " has " + std::to_string(list.size()) +
-                                " entries, expected " + std::to_string(expected));
-  }
-}
-
 template <typename T>
 void* const* as_pointers(const std::vector<T>& list) {
   static_assert(sizeof(T) == sizeof(void*), "pointer lists hold one address per tensor");
@@ -113,13 +106,7 @@ void* const* as_pointers(const std::vector<T>& list) {
 }  // namespace
 
 void adam_step(const AdamStepArgs& args, int num_threads) {
-  const size_t n = args.numels.size();
-  check_list(args.params, n, "params");
-  check_list(args.grads, n, "grads");
-  check_list(args.exp_avgs, n, "exp_avgs");
-  check_list(args.exp_avg_sqs, n, "exp_avg_sqs");
-  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs");
-  check_list(args.steps, n, "steps");
+  check_lists(args);
   const AdamChunkKernel kernel =
       table().adam(args.dtype, args.decay, args.amsgrad, args.maximize);
   const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
@@ -131,11 +118,7 @@ void adam_step(const AdamStepArgs& args, int num_threads) {
 }
 
 void sgdw_step(const SgdwStepArgs& args, int num_threads) {
-  const size_t n = args.numels.size();
-  check_list(args.params, n, "params");
-  check_list(args.grads, n, "grads");
-  check_list(args.momentum_buffers, args.momentum_mode == Momentum::kNone ? 0 : n,
-             "momentum_buffers");
+  check_lists(args);
   const SgdwChunkKernel kernel = table().sgdw(args.dtype, args.weight_decay != 0.0,
                                               args.momentum_mode, args.nesterov, args.maximize);
   const SgdwKernelArgs kernel_args{as_pointers(args.params), as_pointers(args.grads),

@@ -6,8 +6,7 @@
 #error "define FUSEDOPT_CPU_ISA before including kernels_impl.h"
 #endif
 
-#include <type_traits>
-
+#include "fusedopt/dispatch.h"
 #include "kernels.h"
 
 namespace fusedopt::cpu::FUSEDOPT_CPU_ISA {
@@ -60,57 +59,6 @@ void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
     param[i] = from_float<ParamT>(p);
     if constexpr (kHasBuffer) buffer[i] = from_float<ParamT>(b);
   }
-}
-
-// Runtime value -> compile-time constant, handed to `f` as a std::integral_constant.
-template <typename F>
-auto with_bool(bool value, F&& f) {
-  return value ? f(std::true_type{}) : f(std::false_type{});
-}
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Params, grads and states share one storage type today (torch.optim's layout).
-template <typename F>
-auto with_scalar_type(ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case ScalarType::kBFloat16:
-      return f(TypeTag<BFloat16>{});
-    case ScalarType::kFloat16:
-      return f(TypeTag<Float16>{});
-    case ScalarType::kFloat32:
-      break;
-  }
-  return f(TypeTag<float>{});
-}
-
-template <typename F>
-auto with_weight_decay(WeightDecay decay, F&& f) {
-  switch (decay) {
-    case WeightDecay::kL2:
-      return f(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
-    case WeightDecay::kDecoupled:
-      return f(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
-    case WeightDecay::kNone:
-      break;
-  }
-  return f(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
-}
-
-template <typename F>
-auto with_momentum(Momentum momentum, F&& f) {
-  switch (momentum) {
-    case Momentum::kFirstStep:
-      return f(std::integral_constant<Momentum, Momentum::kFirstStep>{});
-    case Momentum::kRunning:
-      return f(std::integral_constant<Momentum, Momentum::kRunning>{});
-    case Momentum::kNone:
-      break;
-  }
-  return f(std::integral_constant<Momentum, Momentum::kNone>{});
 }
 
 AdamChunkKernel select_adam(ScalarType dtype, WeightDecay decay, bool amsgrad, bool maximize) {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "driver.h"
+#include "fusedopt/dispatch.h"
 #include "fusedopt/dtypes.h"
 #include "fusedopt/update.h"
 
@@ -188,33 +189,6 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-void with_scalar_type(ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case ScalarType::kBFloat16:
-      return f(TypeTag<BFloat16>{});
-    case ScalarType::kFloat16:
-      return f(TypeTag<Float16>{});
-    case ScalarType::kFloat32:
-      return f(TypeTag<float>{});
-  }
-  throw std::invalid_argument("unknown dtype code");
-}
-
-template <typename F>
-void with_bool(bool value, F&& f) {
-  if (value) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 // Fills one launch table from a plan and the step's pointer lists, then launches.
 template <typename Table, typename Kernel, typename Shared, typename TensorScalarsOf>
 void launch_all(const std::vector<const std::vector<uintptr_t>*>& lists,
@@ -243,13 +217,6 @@ void launch_all(const std::vector<const std::vector<uintptr_t>*>& lists,
   }
 }
 
-void check_list(const std::vector<uintptr_t>& list, size_t expected, const char* name) {
-  if (list.size() != expected) {
-    throw std::invalid_argument(std::string(name) + " has " + std::to_string(list.size()) +
-                                " entries, expected " + std::to_string(expected));
-  }
-}
-
 }  // namespace
 
 LaunchCapacity launch_capacity(int num_lists) {
@@ -267,13 +234,7 @@ LaunchCapacity launch_capacity(int num_lists) {
 }
 
 void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
-  const size_t n = args.numels.size();
-  check_list(args.params, n, "params");
-  check_list(args.grads, n, "grads");
-  check_list(args.exp_avgs, n, "exp_avgs");
-  check_list(args.exp_avg_sqs, n, "exp_avg_sqs");
-  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs");
-  check_list(args.steps, n, "steps");
+  check_lists(args);
   plan_launches(args.numels, kChunkElements, launch_capacity(args.amsgrad ? 5 : 4));  // validates
   DeviceGuard guard(device);
   const std::vector<AdamScalars> scalars = advance_adam_steps(args);
@@ -287,35 +248,21 @@ void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   with_scalar_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    with_bool(args.amsgrad, [&](auto amsgrad) {
-      with_bool(args.maximize, [&](auto maximize) {
-        using Table = LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>;
-        switch (args.decay) {
-          case WeightDecay::kNone:
-            return launch_all<Table>(lists, args.numels,
-                                     adam_kernel<T, T, WeightDecay::kNone, amsgrad.value, maximize.value>,
-                                     shared, tensor_scalars_of, cuda_stream);
-          case WeightDecay::kL2:
-            return launch_all<Table>(lists, args.numels,
-                                     adam_kernel<T, T, WeightDecay::kL2, amsgrad.value, maximize.value>,
-                                     shared, tensor_scalars_of, cuda_stream);
-          case WeightDecay::kDecoupled:
-            return launch_all<Table>(
-                lists, args.numels,
-                adam_kernel<T, T, WeightDecay::kDecoupled, amsgrad.value, maximize.value>, shared,
-                tensor_scalars_of, cuda_stream);
-        }
+    with_weight_decay(args.decay, [&](auto decay) {
+      with_bool(args.amsgrad, [&](auto amsgrad) {
+        with_bool(args.maximize, [&](auto maximize) {
+          launch_all<LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>>(
+              lists, args.numels, adam_kernel<T, T, decay.value, amsgrad.value, maximize.value>,
+              shared, tensor_scalars_of, cuda_stream);
+        });
       });
     });
   });
 }
 
 void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
-  const size_t n = args.numels.size();
+  check_lists(args);
   const bool has_buffer = args.momentum_mode != Momentum::kNone;
-  check_list(args.params, n, "params");
-  check_list(args.grads, n, "grads");
-  check_list(args.momentum_buffers, has_buffer ? n : 0, "momentum_buffers");
   plan_launches(args.numels, kChunkElements, launch_capacity(has_buffer ? 3 : 2));  // validates
   DeviceGuard guard(device);
   const SgdScalars scalars = sgdw_scalars(args);
@@ -326,27 +273,15 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
   with_scalar_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     with_bool(args.weight_decay != 0.0, [&](auto decay) {
-      with_bool(args.nesterov, [&](auto nesterov) {
-        with_bool(args.maximize, [&](auto maximize) {
-          switch (args.momentum_mode) {
-            case Momentum::kNone:
-              return launch_all<LaunchTable<2, NoTensorScalars>>(
-                  lists, args.numels,
-                  sgdw_kernel<T, T, decay.value, Momentum::kNone, false, maximize.value>, scalars,
-                  no_tensor_scalars, cuda_stream);
-            case Momentum::kFirstStep:
-              return launch_all<LaunchTable<3, NoTensorScalars>>(
-                  lists, args.numels,
-                  sgdw_kernel<T, T, decay.value, Momentum::kFirstStep, nesterov.value,
-                              maximize.value>,
-                  scalars, no_tensor_scalars, cuda_stream);
-            case Momentum::kRunning:
-              return launch_all<LaunchTable<3, NoTensorScalars>>(
-                  lists, args.numels,
-                  sgdw_kernel<T, T, decay.value, Momentum::kRunning, nesterov.value,
-                              maximize.value>,
-                  scalars, no_tensor_scalars, cuda_stream);
-          }
+      with_momentum(args.momentum_mode, [&](auto momentum) {
+        with_bool(args.nesterov, [&](auto nesterov) {
+          with_bool(args.maximize, [&](auto maximize) {
+            constexpr int kNumLists = momentum.value == Momentum::kNone ? 2 : 3;
+            launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+                lists, args.numels,
+                sgdw_kernel<T, T, decay.value, momentum.value, nesterov.value, maximize.value>,
+                scalars, no_tensor_scalars, cuda_stream);
+          });
         });
       });
     });

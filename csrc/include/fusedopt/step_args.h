@@ -43,6 +43,11 @@ struct SgdwStepArgs {
 AdamScalars adam_scalars(const AdamStepArgs& args, double step);
 SgdScalars sgdw_scalars(const SgdwStepArgs& args);
 
+// Raise std::invalid_argument unless every pointer list has one entry per tensor
+// (the optional lists none when unused). Both drivers call them first.
+void check_lists(const AdamStepArgs& args);
+void check_lists(const SgdwStepArgs& args);
+
 // Increments every tensor's host step counter and returns each tensor's scalars.
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args);
 

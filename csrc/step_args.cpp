@@ -1,8 +1,10 @@
-// Host-side derivation of the per-tensor scalars of a step, shared by the CPU and
-// CUDA drivers. Computed in double and rounded to fp32 once, in the same order as
+// Host-side checks of a call's pointer lists and derivation of the per-tensor
+// scalars of a step, shared by the CPU and CUDA drivers. Computed in double and rounded to fp32 once, in the same order as
 // fusedopt/reference.py, so kernels and reference see identical fp32 scalars.
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "fusedopt/step_args.h"
 
@@ -30,6 +32,35 @@ SgdScalars sgdw_scalars(const SgdwStepArgs& args) {
   s.one_minus_dampening = static_cast<float>(1.0 - args.dampening);
   s.decay_factor = static_cast<float>(1.0 - args.lr * args.weight_decay);
   return s;
+}
+
+namespace {
+
+void check_list(const std::vector<uintptr_t>& list, size_t expected, const char* name) {
+  if (list.size() != expected) {
+    throw std::invalid_argument(std::string(name) + " has " + std::to_string(list.size()) +
+                                " entries, expected " + std::to_string(expected));
+  }
+}
+
+}  // namespace
+
+void check_lists(const AdamStepArgs& args) {
+  const size_t n = args.numels.size();
+  check_list(args.params, n, "params");
+  check_list(args.grads, n, "grads");
+  check_list(args.exp_avgs, n, "exp_avgs");
+  check_list(args.exp_avg_sqs, n, "exp_avg_sqs");
+  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs");
+  check_list(args.steps, n, "steps");
+}
+
+void check_lists(const SgdwStepArgs& args) {
+  const size_t n = args.numels.size();
+  check_list(args.params, n, "params");
+  check_list(args.grads, n, "grads");
+  check_list(args.momentum_buffers, args.momentum_mode == Momentum::kNone ? 0 : n,
+             "momentum_buffers");
 }
 
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {
