@@ -63,6 +63,13 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xcompiler", "-fPIC,-fvisibi
 class BuildExt(build_ext):
     """Adds what setuptools has no place for: per-source ISA flags and nvcc for .cu files."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # setuptools reuses object files newer than their sources whatever the flags,
+        # so each build configuration compiles into a folder of its own.
+        configuration = f"sanitize{int(SANITIZE)}-cuda{'-'.join(CUDA_ARCHS) if NVCC else 'off'}"
+        self.build_temp = os.path.join(self.build_temp, configuration)
+
     def build_extensions(self):
         default_compile = self.compiler._compile
         self.compiler.src_extensions.append(".cu")
