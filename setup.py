@@ -65,10 +65,17 @@ class BuildExt(build_ext):
 
     def finalize_options(self):
         super().finalize_options()
-        # setuptools reuses object files newer than their sources whatever the flags,
-        # so each build configuration compiles into a folder of its own.
-        configuration = f"sanitize{int(SANITIZE)}-cuda{'-'.join(CUDA_ARCHS) if NVCC else 'off'}"
-        self.build_temp = os.path.join(self.build_temp, configuration)
+        # setuptools skips an extension, and each object file, that is newer than its
+        # sources whatever the flags; a change of configuration forces a full rebuild.
+        self.configuration = f"sanitize={int(SANITIZE)} cuda={';'.join(CUDA_ARCHS) if NVCC else 'off'}"
+        self.stamp = os.path.join(self.build_temp, "configuration")
+        if not os.path.exists(self.stamp) or open(self.stamp).read() != self.configuration:
+            self.force = True
+
+    def run(self):
+        super().run()
+        with open(self.stamp, "w") as stamp:
+            stamp.write(self.configuration)
 
     def build_extensions(self):
         default_compile = self.compiler._compile
