@@ -23,6 +23,78 @@ using fusedopt::SgdwStepArgs;
 
 using Numels = std::vector<int64_t>;
 
+namespace {
+
+// A new reference that is released at the end of the scope.
+struct Owned {
+  PyObject* object;
+  explicit Owned(PyObject* o) : object(o) {}
+  ~Owned() { Py_XDECREF(object); }
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+};
+
+// NOTE: [steady grads]
+// The steady path of fusedopt/_optimizer.py (SteadyPlan) asks, every step, whether
+// the cached call arguments still describe the group: the same param objects at the
+// same addresses, and a contiguous grad of the expected dtype and shape behind each
+// one. With thousands of tensors these Python attribute reads are most of a step's
+// host time, so this loop does them through the CPython API in one pass and writes
+// the grads' addresses straight into the argument object. It only answers yes or no:
+// on no, the full Python planning runs, validates everything and names any problem.
+template <typename Args>
+bool refresh_steady_grads(Args& args, py::list params, py::list planned_params,
+                          py::handle dtype, py::list shapes) {
+  static PyObject* const grad_name = PyUnicode_InternFromString("grad");
+  static PyObject* const dtype_name = PyUnicode_InternFromString("dtype");
+  static PyObject* const shape_name = PyUnicode_InternFromString("shape");
+  static PyObject* const is_contiguous_name = PyUnicode_InternFromString("is_contiguous");
+  static PyObject* const data_ptr_name = PyUnicode_InternFromString("data_ptr");
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  if (n != PyList_GET_SIZE(planned_params.ptr()) || n != PyList_GET_SIZE(shapes.ptr()) ||
+      static_cast<size_t>(n) != args.params.size()) {
+    return false;
+  }
+  args.grads.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* const param = PyList_GET_ITEM(params.ptr(), i);
+    if (param != PyList_GET_ITEM(planned_params.ptr(), i)) return false;
+    const Owned param_address(PyObject_CallMethodNoArgs(param, data_ptr_name));
+    if (param_address.object == nullptr ||
+        PyLong_AsUnsignedLongLong(param_address.object) != args.params[i]) {
+      PyErr_Clear();
+      return false;
+    }
+    const Owned grad(PyObject_GetAttr(param, grad_name));
+    if (grad.object == nullptr || grad.object == Py_None) {
+      PyErr_Clear();
+      return false;
+    }
+    const Owned grad_dtype(PyObject_GetAttr(grad.object, dtype_name));
+    if (grad_dtype.object != dtype.ptr()) {
+      PyErr_Clear();
+      return false;
+    }
+    const Owned grad_shape(PyObject_GetAttr(grad.object, shape_name));
+    if (grad_shape.object == nullptr ||
+        PyObject_RichCompareBool(grad_shape.object, PyList_GET_ITEM(shapes.ptr(), i), Py_EQ) != 1) {
+      PyErr_Clear();
+      return false;
+    }
+    // Non-strided grads (sparse, mkldnn) raise here: they have no data pointer.
+    const Owned contiguous(PyObject_CallMethodNoArgs(grad.object, is_contiguous_name));
+    const Owned grad_address(PyObject_CallMethodNoArgs(grad.object, data_ptr_name));
+    if (contiguous.object != Py_True || grad_address.object == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    args.grads[i] = PyLong_AsUnsignedLongLong(grad_address.object);
+  }
+  return true;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedopt compiled core: multi-tensor optimizer kernels on raw pointers";
 
@@ -105,6 +177,13 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("momentum_mode", &SgdwStepArgs::momentum_mode)
       .def_readwrite("nesterov", &SgdwStepArgs::nesterov)
       .def_readwrite("maximize", &SgdwStepArgs::maximize);
+
+  m.def("refresh_steady_grads", &refresh_steady_grads<AdamStepArgs>, py::arg("args"),
+        py::arg("params"), py::arg("planned_params"), py::arg("dtype"), py::arg("shapes"),
+        "True, with args.grads set, when params are the planned ones at the planned addresses "
+        "and each has a contiguous grad of `dtype` and its planned shape (NOTE: [steady grads]).");
+  m.def("refresh_steady_grads", &refresh_steady_grads<SgdwStepArgs>, py::arg("args"),
+        py::arg("params"), py::arg("planned_params"), py::arg("dtype"), py::arg("shapes"));
 
   py::module_ cpu = m.def_submodule("cpu", "C++ CPU kernels");
   cpu.def("adam_step", &fusedopt::cpu::adam_step, py::arg("args"), py::arg("num_threads"),

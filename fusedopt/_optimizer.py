@@ -2,7 +2,6 @@
 and checkpoint loading that refuses bad input before changing anything."""
 import operator
 import warnings
-from itertools import repeat
 from operator import attrgetter, itemgetter
 
 import torch
@@ -85,22 +84,17 @@ class FusedOptimizer(Optimizer):
             and all(map(operator.is_, self.state.values(), self._state_snapshot))
         ):
             self._steady_plans.clear()  # an entry of self.state was replaced or removed
-        work = []  # (group, steady plan and its grads and hyperparameters) or (group, batches)
+        work = []  # (group, (steady plan, hyperparameters)) or (group, batches)
         for group_index, group in enumerate(self.param_groups):
             steady = self._steady_plans.get(id(group))
-            grad_addresses = None
-            if steady is not None:
-                grad_addresses = steady.grad_addresses_if_unchanged(self, group)
-            if grad_addresses is not None:
-                hyper = self._hyperparameters(group, steady.device)
-                work.append((group, (steady, grad_addresses, hyper)))
+            if steady is not None and steady.still_describes(self, group):
+                work.append((group, (steady, self._hyperparameters(group, steady.device))))
             else:
                 work.append((group, self._plan_group(group_index, group)))
         for group, batches in work:
             if isinstance(batches, tuple):
-                steady, grad_addresses, hyper = batches
-                args = steady.refresh(self, grad_addresses, hyper)
-                _backend.launch(self._kernel_name, args, steady.device)
+                steady, hyper = batches
+                _backend.launch(self._kernel_name, steady.refresh(self, hyper), steady.device)
                 continue
             self._steady_plans.pop(id(group), None)
             for batch in batches:
@@ -255,9 +249,7 @@ class FusedOptimizer(Optimizer):
                 state[key] = torch.empty_like(param).copy_(tensor)
 
 
-_DTYPE = attrgetter("dtype")
 _SHAPE = attrgetter("shape")
-_GRAD = attrgetter("grad")
 
 
 class SteadyPlan:
@@ -272,8 +264,8 @@ class SteadyPlan:
     non-contiguous params, the reference path) takes the full per-tensor planning.
     """
 
-    __slots__ = ("params", "param_addresses", "states", "state_keys", "state_tensors", "shapes",
-                 "dtype", "device", "args")
+    __slots__ = ("params", "states", "state_keys", "state_tensors", "shapes", "dtype", "device",
+                 "args")
 
     @classmethod
     def try_build(cls, optimizer, group, batch):
@@ -282,7 +274,6 @@ class SteadyPlan:
             return None
         plan = cls()
         plan.params = list(params)
-        plan.param_addresses = list(map(Tensor.data_ptr, params))
         plan.states = list(batch.states)
         plan.state_keys = optimizer._state_keys(group)
         keys = plan.state_keys + (("step",) if "step" in batch.states[0] else ())
@@ -296,46 +287,29 @@ class SteadyPlan:
         plan.args = kernel_args[0]
         return plan
 
-    def grad_addresses_if_unchanged(self, optimizer, group):
-        """The addresses of this step's grads if the plan still describes `group`, else None.
+    def still_describes(self, optimizer, group):
+        """True, with this step's grad addresses written into the kept call arguments,
+        if the plan still describes `group`; False sends the group to the full planning.
 
-        The caller has checked that no entry of `optimizer.state` was replaced. Two
-        grad checks of the full planning are left out on purpose: torch itself keeps
-        a grad on its param's device (the `grad` setter and `.data` refuse others), and
-        a sparse or other non-strided grad has no data pointer, so asking for one raises
-        and sends the group to the full planning, which names the problem.
+        The caller has checked that no entry of `optimizer.state` was replaced. The
+        per-param checks run in C++ (NOTE: [steady grads] in csrc/bindings.cpp). Two
+        grad checks of the full planning are left out on purpose: torch itself keeps a
+        grad on its param's device (the `grad` setter and `.data` refuse others), and a
+        sparse or other non-strided grad has no data pointer, which fails the check.
         """
-        params = group["params"]
-        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
-            return None
-        if list(map(Tensor.data_ptr, params)) != self.param_addresses:
-            return None
         if optimizer._state_keys(group) != self.state_keys:
-            return None
+            return False
         try:
             for key, tensors in self.state_tensors.items():
                 if not all(map(operator.is_, map(itemgetter(key), self.states), tensors)):
-                    return None
+                    return False
         except KeyError:  # a state entry was deleted
-            return None
-        grads = list(map(_GRAD, params))
-        if any(map(operator.is_, grads, repeat(None))):
-            return None
-        try:
-            addresses = list(map(Tensor.data_ptr, grads))
-            contiguous = all(map(Tensor.is_contiguous, grads))
-        except RuntimeError:
-            return None
-        if (
-            not contiguous
-            or set(map(_DTYPE, grads)) != {self.dtype}
-            or list(map(_SHAPE, grads)) != self.shapes
-        ):
-            return None
-        return addresses
+            return False
+        return _backend._C.refresh_steady_grads(
+            self.args, group["params"], self.params, self.dtype, self.shapes
+        )
 
-    def refresh(self, optimizer, grad_addresses, hyper):
-        """The kept call arguments with this step's grads and hyperparameters."""
-        self.args.grads = grad_addresses
+    def refresh(self, optimizer, hyper):
+        """The kept call arguments with this step's hyperparameters."""
         optimizer._set_kernel_hyperparameters(self.args, hyper)
         return self.args

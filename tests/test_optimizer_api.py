@@ -322,3 +322,21 @@ def test_non_contiguous_dense_params_and_grads_in_other_layouts_step_correctly()
     fusedopt.AdamW([transposed], lr=1e-2, backend="kernel").step()
     fusedopt.AdamW([plain], lr=1e-2, backend="reference").step()
     assert torch.equal(transposed.detach(), plain.detach())
+
+
+def test_steps_follow_swapped_param_storage_and_replaced_state():
+    """The cached steady plan must notice `p.data = ...` and replaced state tensors."""
+    ours_params, ref_params = model_params(), model_params()
+    ours = fusedopt.AdamW(ours_params, lr=1e-2, backend="kernel")
+    ref = fusedopt.AdamW(ref_params, lr=1e-2, backend="reference")
+    for step in range(6):
+        set_random_grads(ours_params, step)
+        set_random_grads(ref_params, step)
+        if step == 3:
+            ours_params[0].data = ours_params[0].data.clone()  # same shape, new storage
+            ours.state[ours_params[1]]["exp_avg"] = torch.zeros_like(ours_params[1])
+            ref.state[ref_params[1]]["exp_avg"] = torch.zeros_like(ref_params[1])
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_params, ref_params):
+        assert torch.equal(p.detach(), q.detach())
