@@ -10,6 +10,7 @@ Environment switches:
 import os
 import platform
 import shutil
+import sys
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
@@ -97,6 +98,7 @@ sources = [
     "csrc/bindings.cpp",
     "csrc/step_args.cpp",
     "csrc/cpu/driver.cpp",
+    "csrc/cpu/parallel.cpp",
     "csrc/cpu/thread_pool.cpp",
     "csrc/cpu/kernels_baseline.cpp",
 ]
@@ -105,12 +107,14 @@ if IS_X86_64:
     sources += list(X86_ISA_FLAGS)
     macros.append(("FUSEDOPT_X86_ISA_VARIANTS", "1"))
 link_dirs, link_libraries = [], []
+if sys.platform.startswith("linux"):
+    link_libraries.append("dl")  # parallel.cpp looks up the loaded OpenMP runtime
 if NVCC is not None:
     sources.append("csrc/cuda/kernels.cu")
     macros += [("FUSEDOPT_WITH_CUDA", "1"), ("FUSEDOPT_CUDA_ARCH_LIST", f'"{";".join(CUDA_ARCHS)}"')]
     # The runtime is linked statically: importing never needs a driver or libcudart.
     link_dirs.append(os.path.join(os.path.dirname(os.path.dirname(NVCC)), "lib64"))
-    link_libraries += ["cudart_static", "dl", "rt"]
+    link_libraries += ["cudart_static", "rt"]
 
 extension = Pybind11Extension(
     "fusedopt._C",

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/driver.h"
+#include "cpu/parallel.h"
 #if defined(FUSEDOPT_WITH_CUDA)
 #include "cuda/driver.h"
 #endif
@@ -197,6 +198,9 @@ PYBIND11_MODULE(_C, m) {
           "The instruction set whose kernels run here (FUSEDOPT_CPU_ISA overrides).");
   cpu.def("compiled_isas", &fusedopt::cpu::compiled_isas,
           "The instruction sets this build has kernels for.");
+  cpu.def("parallel_runtime", &fusedopt::cpu::parallel_runtime,
+          "Where the CPU kernels' tasks run: \"openmp (<library>)\", the OpenMP team torch "
+          "uses, or \"pool\", fusedopt's own threads (FUSEDOPT_CPU_PARALLEL overrides).");
 
 #if defined(FUSEDOPT_WITH_CUDA)
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels");

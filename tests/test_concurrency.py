@@ -1,8 +1,9 @@
 """Optimizers stepping from several Python threads at once.
 
-The compiled step releases the GIL and runs on a process-wide thread pool; a call
-that finds the pool busy (another thread stepping) runs its tasks on the calling
-thread. Neither may change a result: two optimizers stepped at the same moment end
+The compiled step releases the GIL and runs on torch's OpenMP team, where each
+calling thread gets a team of its own, or on fusedopt's pool, where a call that finds
+the pool busy (another thread stepping) runs its tasks on the calling thread (.ci/run
+runs this file both ways). Neither may change a result: two optimizers stepped at the same moment end
 bit for bit where they end when stepped one after the other. And while one thread
 is inside a long kernel, other Python threads keep running.
 """
@@ -27,7 +28,7 @@ WORKLOADS = {
     "small-tensors-many-steps": dict(shapes=[(40_000,), (30_001,), (129, 65)], steps=300),
 }
 OPTIMIZER_PAIRS = {
-    # Both threads step the kernel at once: one of them finds the pool busy.
+    # Both threads step the kernel at once.
     "adamw-amsgrad+sgdw-nesterov": (
         lambda params: fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=True, backend="kernel"),
         lambda params: fusedopt.SGDW(params, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01,

@@ -1,4 +1,5 @@
 """The host-side pieces of the compiled core: the chunk planner, the ISA variants, threads."""
+import json
 import os
 import subprocess
 import sys
@@ -58,24 +59,35 @@ def test_driver_rejects_lists_of_unequal_length_before_writing():
     assert torch.equal(param, before) and step.item() == 0
 
 
-ISA_SCRIPT = """
-import hashlib, torch, fusedopt
+# Steps fp32, bf16 and fp16 params with Adam and SGDW on three threads and prints a
+# digest of the resulting bits; `{check}` runs just before.
+DIGEST_SCRIPT = """
+import hashlib, os, torch, fusedopt
 from fusedopt import _backend
-assert _backend._C.cpu.active_isa() == {isa!r}
-digest = hashlib.sha256()
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(n, generator=g).to(dtype)) for n in (1, 31, 1000, 40000)]
-    adam = fusedopt.Adam(params[:2], lr=1e-2, weight_decay=0.1, amsgrad=True, backend="kernel")
-    sgdw = fusedopt.SGDW(params[2:], lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, backend="kernel")
-    for _ in range(5):
+torch.set_num_threads(3)
+
+def digest_of_steps():
+    digest = hashlib.sha256()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, generator=g).to(dtype))
+                  for n in (1, 31, 1000, 40000, 200003)]
+        adam = fusedopt.Adam(params[:2] + params[4:], lr=1e-2, weight_decay=0.1, amsgrad=True,
+                             backend="kernel")
+        sgdw = fusedopt.SGDW(params[2:4], lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1,
+                             backend="kernel")
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            adam.step(); sgdw.step()
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(dtype)
-        adam.step(); sgdw.step()
-    for p in params:
-        digest.update(p.detach().view(torch.uint8 if dtype == torch.float32 else torch.int16).numpy().tobytes())
-print(digest.hexdigest())
+            digest.update(p.detach().view(torch.uint8 if dtype == torch.float32 else torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+{check}
+print(digest_of_steps())
 """
+ISA_CHECK = "assert _backend._C.cpu.active_isa() == {isa!r}"
 
 
 def run_python(script, tmp_path, **env):
@@ -89,7 +101,8 @@ def test_every_compiled_isa_variant_gives_identical_bits(tmp_path):
     """Each ISA build (baseline, AVX2, AVX-512) rounds identically: no contraction, same conversions."""
     runnable = []
     for isa in C.cpu.compiled_isas():
-        result = run_python(ISA_SCRIPT.format(isa=isa), tmp_path, FUSEDOPT_CPU_ISA=isa)
+        script = DIGEST_SCRIPT.format(check=ISA_CHECK.format(isa=isa))
+        result = run_python(script, tmp_path, FUSEDOPT_CPU_ISA=isa)
         if "does not support it" in result.stderr:
             continue  # this CPU lacks the instruction set
         assert result.returncode == 0, result.stderr
@@ -103,6 +116,78 @@ def test_unknown_isa_override_is_refused_clearly(tmp_path):
     result = run_python(script, tmp_path, FUSEDOPT_CPU_ISA="sse9")
     assert result.returncode != 0
     assert "FUSEDOPT_CPU_ISA=sse9 is not compiled in" in result.stderr
+
+
+PARALLEL_CHECKS = {
+    "pool": "assert _backend._C.cpu.parallel_runtime() == 'pool'",
+    "openmp": "assert _backend._C.cpu.parallel_runtime().startswith('openmp (')",
+}
+
+
+def test_threads_of_either_runtime_give_identical_bits(tmp_path):
+    """The OpenMP team torch uses and fusedopt's own pool (NOTE: [sharing torch's
+    OpenMP team]) hand out the same tasks: the bits agree."""
+    digests = []
+    for runtime, check in PARALLEL_CHECKS.items():
+        result = run_python(DIGEST_SCRIPT.format(check=check), tmp_path, FUSEDOPT_CPU_PARALLEL=runtime)
+        assert result.returncode == 0, result.stderr
+        digests.append(result.stdout.strip())
+    assert len(set(digests)) == 1, digests
+
+
+# The parent steps once on the OpenMP team (creating the state), forks, and both
+# processes take the same three further steps on three threads. The child may only
+# run steady-path steps: any torch op that uses the OpenMP team hangs torch itself in
+# a child forked after the parent used it, which is why fusedopt uses its pool there.
+FORK_SCRIPT = """
+import hashlib, json, os, torch, fusedopt
+from fusedopt import _backend
+torch.set_num_threads(3)
+g = torch.Generator().manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (31, 40000, 200003)]
+grad_sets = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
+adam = fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend="kernel")
+
+def step_then_digest(grad_sets):
+    for grad_set in grad_sets:
+        for p, grad in zip(params, grad_set):
+            p.grad = grad
+        adam.step()
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest()
+
+step_then_digest(grad_sets[:1])
+reader, writer = os.pipe()
+child = os.fork()
+if child == 0:
+    report = [_backend._C.cpu.parallel_runtime(), step_then_digest(grad_sets[1:])]
+    os.write(writer, json.dumps(report).encode())
+    os._exit(0)
+os.close(writer)
+child_report = json.loads(os.read(reader, 1000))
+os.waitpid(child, 0)
+print(json.dumps({"parent": [_backend._C.cpu.parallel_runtime(), step_then_digest(grad_sets[1:])],
+                  "child": child_report}))
+"""
+FORK_TIMEOUT_S = 300  # a child hung on the parent's OpenMP team fails instead of stalling CI
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_a_forked_child_steps_on_the_pool_with_the_same_bits(tmp_path):
+    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=FORK_TIMEOUT_S,
+                            env=dict(os.environ, FUSEDOPT_CPU_PARALLEL=""))  # the default choice
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (parent_runtime, parent_digest), (child_runtime, child_digest) = report["parent"], report["child"]
+    assert parent_runtime.startswith("openmp (") and child_runtime == "pool", report
+    assert parent_digest == child_digest
+
+
+def test_unknown_parallel_runtime_override_is_refused_clearly(tmp_path):
+    script = "import torch, fusedopt; p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3); fusedopt.SGDW([p], lr=0.1).step()"
+    result = run_python(script, tmp_path, FUSEDOPT_CPU_PARALLEL="tbb")
+    assert result.returncode != 0
+    assert "FUSEDOPT_CPU_PARALLEL=tbb; choose pool or openmp" in result.stderr
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -132,5 +217,8 @@ def test_backend_info_reports_the_build():
         assert key in info
     assert info["cpu_kernels"] is True
     assert info["cpu_isa"] in info["cpu_isas_compiled"]
+    if sys.platform.startswith("linux") and not os.environ.get("FUSEDOPT_CPU_PARALLEL"):
+        # torch's Linux wheels run their CPU ops on libgomp
+        assert info["cpu_parallel"].startswith("openmp (libgomp"), info["cpu_parallel"]
     assert info["num_threads"] == torch.get_num_threads()
     assert info["version"] == fusedopt.__version__

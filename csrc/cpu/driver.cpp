@@ -7,7 +7,7 @@
 #include <string>
 
 #include "kernels.h"
-#include "thread_pool.h"
+#include "parallel.h"
 
 namespace fusedopt::cpu {
 namespace {
@@ -90,7 +90,7 @@ WorkPlan plan_work(const std::vector<int64_t>& numels) {
 template <typename KernelArgs, typename Kernel>
 void run(const WorkPlan& plan, int num_threads, const KernelArgs& args, Kernel kernel) {
   const int64_t num_tasks = static_cast<int64_t>(plan.task_bounds.size()) - 1;
-  ThreadPool::instance().parallel_for(num_tasks, num_threads, [&](int64_t task) {
+  parallel_for(num_tasks, num_threads, [&](int64_t task) {
     for (int64_t c = plan.task_bounds[task]; c < plan.task_bounds[task + 1]; ++c) {
       kernel(args, plan.chunks[c]);
     }

@@ -1,10 +1,8 @@
-// A small persistent thread pool for the CPU kernels.
-//
-// Why not OpenMP: the torch wheel brings its own OpenMP runtime, and a second one
-// whose workers spin after each parallel region steals cycles from torch's own
-// work (and from a benchmark's baseline). These workers sleep on a condition
-// variable between steps; waking them costs microseconds, a step costs
-// milliseconds.
+// A small persistent thread pool for the CPU kernels, used where the process has no
+// OpenMP runtime to share and in children after fork() (NOTE: [sharing torch's
+// OpenMP team] in parallel.cpp). We never bring an OpenMP runtime of our own: its
+// workers would spin against torch's. These workers sleep on a condition variable
+// between steps; waking them costs microseconds, a step costs milliseconds.
 #pragma once
 
 #include <atomic>
