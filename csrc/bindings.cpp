@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -35,64 +36,197 @@ struct Owned {
   Owned& operator=(const Owned&) = delete;
 };
 
-// NOTE: [steady grads]
-// The steady path of fusedopt/_optimizer.py (SteadyPlan) asks, every step, whether
-// the cached call arguments still describe the group: the same param objects at the
-// same addresses, and a contiguous grad of the expected dtype and shape behind each
-// one. With thousands of tensors these Python attribute reads are most of a step's
-// host time, so this loop does them through the CPython API in one pass and writes
-// the grads' addresses straight into the argument object. It only answers yes or no:
-// on no, the full Python planning runs, validates everything and names any problem.
-template <typename Args>
-bool refresh_steady_grads(Args& args, py::list params, py::list planned_params,
-                          py::handle dtype, py::list shapes) {
-  static PyObject* const grad_name = PyUnicode_InternFromString("grad");
-  static PyObject* const dtype_name = PyUnicode_InternFromString("dtype");
-  static PyObject* const shape_name = PyUnicode_InternFromString("shape");
-  static PyObject* const is_contiguous_name = PyUnicode_InternFromString("is_contiguous");
-  static PyObject* const data_ptr_name = PyUnicode_InternFromString("data_ptr");
-  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
-  if (n != PyList_GET_SIZE(planned_params.ptr()) || n != PyList_GET_SIZE(shapes.ptr()) ||
-      static_cast<size_t>(n) != args.params.size()) {
+// Attribute reads on tensors through the descriptors that torch.Tensor resolves them
+// to, taken once from Python: for objects whose type is one of `exact_types`
+// (torch.Tensor, nn.Parameter) this calls the same C getter or method that
+// `getattr` would reach, without looking the name up through the type's MRO on every
+// call. Objects of any other type (subclasses that may override) take the generic
+// lookup.
+class TensorAttributes {
+ public:
+  enum Attribute { kGrad, kDtype, kShape, kDataPtr, kIsContiguous, kNumAttributes };
+
+  // `descriptors` maps each attribute name to what torch.Tensor resolves it to.
+  TensorAttributes(py::tuple exact_types, py::dict descriptors) : exact_types_(exact_types) {
+    py::list ordered;
+    for (int a = 0; a < kNumAttributes; ++a) {
+      const py::object descriptor = descriptors[names()[a]];
+      const bool method = a == kDataPtr || a == kIsContiguous;
+      const bool usable = method ? PyVectorcall_Function(descriptor.ptr()) != nullptr
+                                 : Py_TYPE(descriptor.ptr())->tp_descr_get != nullptr;
+      if (!usable) exact_types_ = py::tuple();  // unexpected descriptors: generic lookups only
+      ordered.append(descriptor);
+    }
+    descriptors_ = py::tuple(ordered);
+  }
+
+  py::tuple exact_types() const { return exact_types_; }
+
+  // A new reference, or null with a Python error set.
+  PyObject* get(PyObject* tensor, Attribute attribute) const {
+    if (!is_exact(tensor)) return PyObject_GetAttr(tensor, names()[attribute]);
+    PyObject* const descriptor = PyTuple_GET_ITEM(descriptors_.ptr(), attribute);
+    return Py_TYPE(descriptor)->tp_descr_get(descriptor, tensor,
+                                             reinterpret_cast<PyObject*>(Py_TYPE(tensor)));
+  }
+
+  // The method's result for a call without arguments: a new reference, or null.
+  PyObject* call(PyObject* tensor, Attribute method) const {
+    if (!is_exact(tensor)) return PyObject_CallMethodNoArgs(tensor, names()[method]);
+    PyObject* const arguments[1] = {tensor};
+    return PyObject_Vectorcall(PyTuple_GET_ITEM(descriptors_.ptr(), method), arguments, 1, nullptr);
+  }
+
+ private:
+  static PyObject* const* names() {
+    static PyObject* const interned[kNumAttributes] = {
+        PyUnicode_InternFromString("grad"), PyUnicode_InternFromString("dtype"),
+        PyUnicode_InternFromString("shape"), PyUnicode_InternFromString("data_ptr"),
+        PyUnicode_InternFromString("is_contiguous")};
+    return interned;
+  }
+
+  bool is_exact(PyObject* tensor) const {
+    const Py_ssize_t n = PyTuple_GET_SIZE(exact_types_.ptr());
+    for (Py_ssize_t t = 0; t < n; ++t) {
+      if (reinterpret_cast<PyObject*>(Py_TYPE(tensor)) == PyTuple_GET_ITEM(exact_types_.ptr(), t)) {
+        return true;
+      }
+    }
     return false;
   }
-  args.grads.resize(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* const param = PyList_GET_ITEM(params.ptr(), i);
-    if (param != PyList_GET_ITEM(planned_params.ptr(), i)) return false;
-    const Owned param_address(PyObject_CallMethodNoArgs(param, data_ptr_name));
-    if (param_address.object == nullptr ||
-        PyLong_AsUnsignedLongLong(param_address.object) != args.params[i]) {
-      PyErr_Clear();
-      return false;
+
+  py::tuple exact_types_;
+  py::tuple descriptors_;  // in Attribute order
+};
+
+// NOTE: [steady check]
+// The steady path of fusedopt/_optimizer.py (SteadyPlan) asks, every step, whether
+// the cached call arguments still describe the group: the same param objects at the
+// same addresses, the same state tensors in their state dicts, and a contiguous grad
+// of the expected dtype and shape behind each param. With thousands of tensors these
+// reads are most of a step's host time, so this class does them through the CPython
+// API in one pass and writes the grads' addresses straight into the argument object.
+// It only answers yes or no: on no, the full Python planning runs, validates
+// everything and names any problem.
+//
+// The pass is bound by the cache misses on each param's objects (param, tensor
+// implementation, grad, state dict), so it prefetches them a few params ahead: the
+// param's TensorImpl address comes from `Tensor._cdata` when the plan is built, and
+// the grad object is the one seen on the previous step. Prefetching never faults and
+// never decides anything; a stale address only wastes a prefetch.
+class SteadyCheck {
+ public:
+  SteadyCheck(const TensorAttributes& attributes, py::list params, py::handle dtype,
+              py::list state_dicts, py::tuple state_keys, py::list state_tensors)
+      : attributes_(attributes),
+        dtype_(py::reinterpret_borrow<py::object>(dtype)),
+        state_keys_(py::reinterpret_borrow<py::tuple>(state_keys)) {
+    const size_t n = params.size();
+    if (state_dicts.size() != n || state_tensors.size() != n) {
+      throw std::invalid_argument("SteadyCheck: params, state_dicts and state_tensors differ in length");
     }
-    const Owned grad(PyObject_GetAttr(param, grad_name));
-    if (grad.object == nullptr || grad.object == Py_None) {
-      PyErr_Clear();
-      return false;
+    entries_.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      const py::handle param = params[i];
+      const py::tuple tensors = state_tensors[i].cast<py::tuple>();
+      if (tensors.size() != state_keys_.size()) {
+        throw std::invalid_argument("SteadyCheck: one state tensor per state key expected");
+      }
+      Entry entry;
+      entry.param = py::reinterpret_borrow<py::object>(param);
+      entry.shape = param.attr("shape");
+      entry.state = py::reinterpret_borrow<py::object>(state_dicts[i]);
+      entry.state_tensors = tensors;
+      if (py::hasattr(param, "_cdata")) entry.param_impl = param.attr("_cdata").cast<uintptr_t>();
+      entries_.push_back(std::move(entry));
     }
-    const Owned grad_dtype(PyObject_GetAttr(grad.object, dtype_name));
-    if (grad_dtype.object != dtype.ptr()) {
-      PyErr_Clear();
-      return false;
-    }
-    const Owned grad_shape(PyObject_GetAttr(grad.object, shape_name));
-    if (grad_shape.object == nullptr ||
-        PyObject_RichCompareBool(grad_shape.object, PyList_GET_ITEM(shapes.ptr(), i), Py_EQ) != 1) {
-      PyErr_Clear();
-      return false;
-    }
-    // Non-strided grads (sparse, mkldnn) raise here: they have no data pointer.
-    const Owned contiguous(PyObject_CallMethodNoArgs(grad.object, is_contiguous_name));
-    const Owned grad_address(PyObject_CallMethodNoArgs(grad.object, data_ptr_name));
-    if (contiguous.object != Py_True || grad_address.object == nullptr) {
-      PyErr_Clear();
-      return false;
-    }
-    args.grads[i] = PyLong_AsUnsignedLongLong(grad_address.object);
   }
-  return true;
-}
+
+  template <typename Args>
+  bool refresh(Args& args, py::list params) {
+    using A = TensorAttributes;
+    const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+    if (static_cast<size_t>(n) != entries_.size() || static_cast<size_t>(n) != args.params.size()) {
+      return false;
+    }
+    const Py_ssize_t num_keys = PyTuple_GET_SIZE(state_keys_.ptr());
+    args.grads.resize(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (i + kPrefetchDistance < n) prefetch(entries_[static_cast<size_t>(i + kPrefetchDistance)]);
+      Entry& entry = entries_[static_cast<size_t>(i)];
+      PyObject* const param = PyList_GET_ITEM(params.ptr(), i);
+      if (param != entry.param.ptr()) return false;
+      for (Py_ssize_t k = 0; k < num_keys; ++k) {
+        PyObject* const tensor =
+            PyDict_GetItemWithError(entry.state.ptr(), PyTuple_GET_ITEM(state_keys_.ptr(), k));
+        if (tensor != PyTuple_GET_ITEM(entry.state_tensors.ptr(), k)) {
+          PyErr_Clear();
+          return false;
+        }
+      }
+      const Owned param_address(attributes_.call(param, A::kDataPtr));
+      if (param_address.object == nullptr ||
+          PyLong_AsUnsignedLongLong(param_address.object) != args.params[static_cast<size_t>(i)]) {
+        PyErr_Clear();
+        return false;
+      }
+      const Owned grad(attributes_.get(param, A::kGrad));
+      if (grad.object == nullptr || grad.object == Py_None) {
+        PyErr_Clear();
+        return false;
+      }
+      entry.last_grad = grad.object;  // an address to prefetch next step, never dereferenced
+      const Owned grad_dtype(attributes_.get(grad.object, A::kDtype));
+      if (grad_dtype.object != dtype_.ptr()) {
+        PyErr_Clear();
+        return false;
+      }
+      const Owned grad_shape(attributes_.get(grad.object, A::kShape));
+      if (grad_shape.object == nullptr ||
+          PyObject_RichCompareBool(grad_shape.object, entry.shape.ptr(), Py_EQ) != 1) {
+        PyErr_Clear();
+        return false;
+      }
+      // Non-strided grads (sparse, mkldnn) raise here: they have no data pointer.
+      const Owned contiguous(attributes_.call(grad.object, A::kIsContiguous));
+      const Owned grad_address(attributes_.call(grad.object, A::kDataPtr));
+      if (contiguous.object != Py_True || grad_address.object == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+      args.grads[static_cast<size_t>(i)] = PyLong_AsUnsignedLongLong(grad_address.object);
+    }
+    return true;
+  }
+
+ private:
+  struct Entry {
+    py::object param;
+    py::object shape;  // torch.Size
+    py::object state;  // the param's state dict
+    py::tuple state_tensors;  // the tensors expected under state_keys_, in order
+    uintptr_t param_impl = 0;
+    const void* last_grad = nullptr;
+  };
+
+  static constexpr Py_ssize_t kPrefetchDistance = 4;
+
+  static void prefetch(const Entry& entry) {
+    __builtin_prefetch(entry.param.ptr());
+    __builtin_prefetch(entry.state.ptr());
+    if (entry.param_impl != 0) {
+      const char* impl = reinterpret_cast<const char*>(entry.param_impl);
+      for (int line = 0; line < 4; ++line) __builtin_prefetch(impl + 64 * line);
+    }
+    if (entry.last_grad != nullptr) __builtin_prefetch(entry.last_grad);
+  }
+
+  TensorAttributes attributes_;
+  py::object dtype_;
+  py::tuple state_keys_;
+  std::vector<Entry> entries_;
+};
 
 }  // namespace
 
@@ -179,12 +313,21 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("nesterov", &SgdwStepArgs::nesterov)
       .def_readwrite("maximize", &SgdwStepArgs::maximize);
 
-  m.def("refresh_steady_grads", &refresh_steady_grads<AdamStepArgs>, py::arg("args"),
-        py::arg("params"), py::arg("planned_params"), py::arg("dtype"), py::arg("shapes"),
-        "True, with args.grads set, when params are the planned ones at the planned addresses "
-        "and each has a contiguous grad of `dtype` and its planned shape (NOTE: [steady grads]).");
-  m.def("refresh_steady_grads", &refresh_steady_grads<SgdwStepArgs>, py::arg("args"),
-        py::arg("params"), py::arg("planned_params"), py::arg("dtype"), py::arg("shapes"));
+  py::class_<TensorAttributes>(m, "TensorAttributes",
+                               "Direct reads of torch.Tensor attributes for the steady check")
+      .def(py::init<py::tuple, py::dict>(), py::arg("exact_types"), py::arg("descriptors"))
+      .def_property_readonly("exact_types", &TensorAttributes::exact_types,
+                             "The types read through the descriptors; others by lookup.");
+  py::class_<SteadyCheck>(m, "SteadyCheck",
+                          "Per-step check of a cached plan (NOTE: [steady check])")
+      .def(py::init<const TensorAttributes&, py::list, py::handle, py::list, py::tuple, py::list>(),
+           py::arg("attributes"), py::arg("params"), py::arg("dtype"), py::arg("state_dicts"), py::arg("state_keys"),
+           py::arg("state_tensors"))
+      .def("refresh", &SteadyCheck::refresh<AdamStepArgs>, py::arg("args"), py::arg("params"),
+           "True, with args.grads set, when `params` are the planned params at the planned "
+           "addresses, their state dicts hold the planned tensors, and each has a contiguous "
+           "grad of the planned dtype and shape.")
+      .def("refresh", &SteadyCheck::refresh<SgdwStepArgs>, py::arg("args"), py::arg("params"));
 
   py::module_ cpu = m.def_submodule("cpu", "C++ CPU kernels");
   cpu.def("adam_step", &fusedopt::cpu::adam_step, py::arg("args"), py::arg("num_threads"),

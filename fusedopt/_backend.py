@@ -5,6 +5,7 @@ that makes a pointer safe to use is verified here, in Python, before any write:
 device, dtype, layout, shapes of grads and states. Problems raise ValueError or
 TypeError naming the parameter and the problem.
 """
+import inspect
 import math
 
 import torch
@@ -35,6 +36,24 @@ def _kernel_codes():
 
 
 KERNEL_CODES = _kernel_codes()
+
+
+def _tensor_attributes():
+    """What the steady-path check (csrc/bindings.cpp) reads on params and grads: the
+    descriptors torch.Tensor resolves these names to, and the exact tensor types that
+    resolve them the same way and may be read through them directly."""
+    if _C is None:
+        return None
+    names = ("grad", "dtype", "shape", "data_ptr", "is_contiguous")
+    descriptors = {name: inspect.getattr_static(torch.Tensor, name) for name in names}
+    exact_types = tuple(
+        cls for cls in (torch.Tensor, torch.nn.Parameter)
+        if all(inspect.getattr_static(cls, name) is descriptors[name] for name in names)
+    )
+    return _C.TensorAttributes(exact_types, descriptors)
+
+
+TENSOR_ATTRIBUTES = _tensor_attributes()
 
 
 def kernel_devices():

@@ -2,7 +2,6 @@
 and checkpoint loading that refuses bad input before changing anything."""
 import operator
 import warnings
-from operator import attrgetter, itemgetter
 
 import torch
 from torch import Tensor
@@ -85,12 +84,14 @@ class FusedOptimizer(Optimizer):
         ):
             self._steady_plans.clear()  # an entry of self.state was replaced or removed
         work = []  # (group, (steady plan, hyperparameters)) or (group, batches)
+        all_steady = True
         for group_index, group in enumerate(self.param_groups):
             steady = self._steady_plans.get(id(group))
             if steady is not None and steady.still_describes(self, group):
                 work.append((group, (steady, self._hyperparameters(group, steady.device))))
             else:
                 work.append((group, self._plan_group(group_index, group)))
+                all_steady = False
         for group, batches in work:
             if isinstance(batches, tuple):
                 steady, hyper = batches
@@ -109,7 +110,8 @@ class FusedOptimizer(Optimizer):
                     self._reference_step(batch)
             if len(batches) == 1 and batch.use_kernel:
                 self._steady_plans[id(group)] = SteadyPlan.try_build(self, group, batch)
-        self._state_snapshot = list(self.state.values())
+        if not all_steady:  # steady steps add and replace no state entries
+            self._state_snapshot = list(self.state.values())
         return loss
 
     def _plan_group(self, group_index, group):
@@ -249,41 +251,36 @@ class FusedOptimizer(Optimizer):
                 state[key] = torch.empty_like(param).copy_(tensor)
 
 
-_SHAPE = attrgetter("shape")
-
-
 class SteadyPlan:
     """What stays the same from one step to the next in the usual training loop.
 
     Once a group's state exists, its params, their storage and its state tensors do
     not change between steps; only the grads do. The plan keeps the compiled-call
     arguments built for the group (addresses of params and states, element counts)
-    and, each step, checks by identity that the params and state tensors are still
-    the ones it was built for, then validates the new grads in bulk. Anything else
-    (a param without grad, `p.data` replaced, a state tensor swapped, mixed dtypes,
-    non-contiguous params, the reference path) takes the full per-tensor planning.
+    and, each step, checks in one C++ pass that the params and state tensors are still
+    the ones it was built for and that every param has a sound grad (NOTE: [steady
+    check] in csrc/bindings.cpp). Anything else (a param without grad, `p.data`
+    replaced, a state tensor swapped, mixed dtypes, non-contiguous params, the
+    reference path) takes the full per-tensor planning.
     """
 
-    __slots__ = ("params", "states", "state_keys", "state_tensors", "shapes", "dtype", "device",
-                 "args")
+    __slots__ = ("state_keys", "device", "check", "args")
 
     @classmethod
     def try_build(cls, optimizer, group, batch):
         params = batch.params
         if len(params) != len(group["params"]) or not all(map(Tensor.is_contiguous, params)):
             return None
-        plan = cls()
-        plan.params = list(params)
-        plan.states = list(batch.states)
-        plan.state_keys = optimizer._state_keys(group)
-        keys = plan.state_keys + (("step",) if "step" in batch.states[0] else ())
-        plan.state_tensors = {key: [state[key] for state in plan.states] for key in keys}
-        plan.shapes = list(map(_SHAPE, params))
-        plan.dtype = params[0].dtype
-        plan.device = params[0].device
         kernel_args = optimizer._kernel_args(batch)
         if len(kernel_args) != 1:
             return None
+        plan = cls()
+        plan.state_keys = optimizer._state_keys(group)
+        keys = plan.state_keys + (("step",) if "step" in batch.states[0] else ())
+        plan.check = _backend._C.SteadyCheck(
+            _backend.TENSOR_ATTRIBUTES, list(params), params[0].dtype, list(batch.states), keys,
+            [tuple(state[key] for key in keys) for state in batch.states])
+        plan.device = params[0].device
         plan.args = kernel_args[0]
         return plan
 
@@ -291,23 +288,14 @@ class SteadyPlan:
         """True, with this step's grad addresses written into the kept call arguments,
         if the plan still describes `group`; False sends the group to the full planning.
 
-        The caller has checked that no entry of `optimizer.state` was replaced. The
-        per-param checks run in C++ (NOTE: [steady grads] in csrc/bindings.cpp). Two
+        The caller has checked that no entry of `optimizer.state` was replaced. Two
         grad checks of the full planning are left out on purpose: torch itself keeps a
         grad on its param's device (the `grad` setter and `.data` refuse others), and a
         sparse or other non-strided grad has no data pointer, which fails the check.
         """
         if optimizer._state_keys(group) != self.state_keys:
             return False
-        try:
-            for key, tensors in self.state_tensors.items():
-                if not all(map(operator.is_, map(itemgetter(key), self.states), tensors)):
-                    return False
-        except KeyError:  # a state entry was deleted
-            return False
-        return _backend._C.refresh_steady_grads(
-            self.args, group["params"], self.params, self.dtype, self.shapes
-        )
+        return self.check.refresh(self.args, group["params"])
 
     def refresh(self, optimizer, hyper):
         """The kept call arguments with this step's hyperparameters."""

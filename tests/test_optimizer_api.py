@@ -324,9 +324,21 @@ def test_non_contiguous_dense_params_and_grads_in_other_layouts_step_correctly()
     assert torch.equal(transposed.detach(), plain.detach())
 
 
-def test_steps_follow_swapped_param_storage_and_replaced_state():
+class TaggedParameter(torch.nn.Parameter):
+    """A Parameter subclass: the steady check reads its attributes by generic lookup
+    (only exact torch.Tensor and nn.Parameter objects take the direct descriptors)."""
+
+
+def test_steady_check_reads_exact_tensor_types_directly():
+    exact = fusedopt._backend.TENSOR_ATTRIBUTES.exact_types
+    assert torch.Tensor in exact and torch.nn.Parameter in exact and TaggedParameter not in exact
+
+
+@pytest.mark.parametrize("param_type", [torch.nn.Parameter, TaggedParameter])
+def test_steps_follow_swapped_param_storage_and_replaced_state(param_type):
     """The cached steady plan must notice `p.data = ...` and replaced state tensors."""
-    ours_params, ref_params = model_params(), model_params()
+    ours_params = [param_type(p.detach()) for p in model_params()]
+    ref_params = model_params()
     ours = fusedopt.AdamW(ours_params, lr=1e-2, backend="kernel")
     ref = fusedopt.AdamW(ref_params, lr=1e-2, backend="reference")
     for step in range(6):
@@ -338,5 +350,6 @@ def test_steps_follow_swapped_param_storage_and_replaced_state():
             ref.state[ref_params[1]]["exp_avg"] = torch.zeros_like(ref_params[1])
         ours.step()
         ref.step()
+    assert ours._steady_plans, "the last steps took the steady path"
     for p, q in zip(ours_params, ref_params):
         assert torch.equal(p.detach(), q.detach())
