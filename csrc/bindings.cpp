@@ -44,7 +44,7 @@ struct Owned {
 // lookup.
 class TensorAttributes {
  public:
-  enum Attribute { kGrad, kDtype, kShape, kDataPtr, kIsContiguous, kNumAttributes };
+  enum Attribute { kGrad, kDtype, kShape, kNdim, kNbytes, kDataPtr, kIsContiguous, kNumAttributes };
 
   // `descriptors` maps each attribute name to what torch.Tensor resolves it to.
   TensorAttributes(py::tuple exact_types, py::dict descriptors) : exact_types_(exact_types) {
@@ -81,7 +81,8 @@ class TensorAttributes {
   static PyObject* const* names() {
     static PyObject* const interned[kNumAttributes] = {
         PyUnicode_InternFromString("grad"), PyUnicode_InternFromString("dtype"),
-        PyUnicode_InternFromString("shape"), PyUnicode_InternFromString("data_ptr"),
+        PyUnicode_InternFromString("shape"), PyUnicode_InternFromString("ndim"),
+        PyUnicode_InternFromString("nbytes"), PyUnicode_InternFromString("data_ptr"),
         PyUnicode_InternFromString("is_contiguous")};
     return interned;
   }
@@ -136,6 +137,8 @@ class SteadyCheck {
       Entry entry;
       entry.param = py::reinterpret_borrow<py::object>(param);
       entry.shape = param.attr("shape");
+      entry.ndim = param.attr("ndim").cast<int64_t>();
+      entry.nbytes = param.attr("nbytes").cast<int64_t>();
       entry.state = py::reinterpret_borrow<py::object>(state_dicts[i]);
       entry.state_tensors = tensors;
       if (py::hasattr(param, "_cdata")) entry.param_impl = param.attr("_cdata").cast<uintptr_t>();
@@ -182,9 +185,7 @@ class SteadyCheck {
         PyErr_Clear();
         return false;
       }
-      const Owned grad_shape(attributes_.get(grad.object, A::kShape));
-      if (grad_shape.object == nullptr ||
-          PyObject_RichCompareBool(grad_shape.object, entry.shape.ptr(), Py_EQ) != 1) {
+      if (!has_planned_shape(grad.object, entry)) {
         PyErr_Clear();
         return false;
       }
@@ -204,6 +205,8 @@ class SteadyCheck {
   struct Entry {
     py::object param;
     py::object shape;  // torch.Size
+    int64_t ndim = 0;
+    int64_t nbytes = 0;
     py::object state;  // the param's state dict
     py::tuple state_tensors;  // the tensors expected under state_keys_, in order
     uintptr_t param_impl = 0;
@@ -211,6 +214,22 @@ class SteadyCheck {
   };
 
   static constexpr Py_ssize_t kPrefetchDistance = 4;
+
+  // Whether a grad of the planned dtype has the param's shape. With at most one
+  // dimension, the dimension count and byte size settle it without building a
+  // torch.Size (a tuple allocation, the most expensive read of the check).
+  bool has_planned_shape(PyObject* grad, const Entry& entry) const {
+    using A = TensorAttributes;
+    if (entry.ndim >= 2) {
+      const Owned shape(attributes_.get(grad, A::kShape));
+      return shape.object != nullptr &&
+             PyObject_RichCompareBool(shape.object, entry.shape.ptr(), Py_EQ) == 1;
+    }
+    const Owned ndim(attributes_.get(grad, A::kNdim));
+    if (ndim.object == nullptr || PyLong_AsLongLong(ndim.object) != entry.ndim) return false;
+    const Owned nbytes(attributes_.get(grad, A::kNbytes));
+    return nbytes.object != nullptr && PyLong_AsLongLong(nbytes.object) == entry.nbytes;
+  }
 
   static void prefetch(const Entry& entry) {
     __builtin_prefetch(entry.param.ptr());

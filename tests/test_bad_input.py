@@ -57,6 +57,10 @@ def break_grad_shape(optimizer, groups):
     groups[1][0].grad.data = torch.randn(12)
 
 
+def break_grad_shape_keeping_its_size(optimizer, groups):
+    groups[0][0].grad.data = torch.randn(3, 5)  # the param is (5, 3): same count and bytes
+
+
 def break_mixed_devices(optimizer, groups):
     meta = torch.nn.Parameter(torch.randn(3, device="meta"))
     meta.grad = torch.randn(3, device="meta")
@@ -111,6 +115,8 @@ CASES = [
     (break_sparse_grad, ValueError, "param 0 of param group 1 has a sparse gradient"),
     (break_grad_dtype, ValueError, "param 0 of param group 1 is torch.float32 but its gradient is torch.float64"),
     (break_grad_shape, ValueError, r"param 0 of param group 1 has shape \(11,\) but its gradient has shape \(12,\)"),
+    (break_grad_shape_keeping_its_size, ValueError,
+     r"param 0 of param group 0 has shape \(5, 3\) but its gradient has shape \(3, 5\)"),
     (break_mixed_devices, ValueError, "param group 1 mixes devices"),
     (break_unsupported_dtype, TypeError, "param 1 of param group 1 is torch.float8_e4m3fn; fusedopt steps float32"),
     (break_overlapping_param, ValueError, "param 1 of param group 1 overlaps itself"),
