@@ -62,6 +62,12 @@ class TensorAttributes {
 
   py::tuple exact_types() const { return exact_types_; }
 
+  int traverse(visitproc visit, void* arg) const {
+    Py_VISIT(exact_types_.ptr());
+    Py_VISIT(descriptors_.ptr());
+    return 0;
+  }
+
   // A new reference, or null with a Python error set.
   PyObject* get(PyObject* tensor, Attribute attribute) const {
     if (!is_exact(tensor)) return PyObject_GetAttr(tensor, names()[attribute]);
@@ -145,6 +151,25 @@ class SteadyCheck {
       entries_.push_back(std::move(entry));
     }
   }
+
+  // The check owns references to params, state dicts and state tensors, which can
+  // lead back to the optimizer (a param's hook that steps it, as in the
+  // optimizer-in-backward pattern): the garbage collector must see them to free such
+  // cycles (see with_gc below).
+  int traverse(visitproc visit, void* arg) const {
+    for (const Entry& entry : entries_) {
+      Py_VISIT(entry.param.ptr());
+      Py_VISIT(entry.shape.ptr());
+      Py_VISIT(entry.state.ptr());
+      Py_VISIT(entry.state_tensors.ptr());
+    }
+    Py_VISIT(dtype_.ptr());
+    Py_VISIT(state_keys_.ptr());
+    return attributes_.traverse(visit, arg);
+  }
+
+  // Drops every reference; a cleared check answers no, so the plan is rebuilt.
+  void clear() { entries_.clear(); }
 
   template <typename Args>
   bool refresh(Args& args, py::list params) {
@@ -247,6 +272,33 @@ class SteadyCheck {
   std::vector<Entry> entries_;
 };
 
+// Makes a bound class that owns Python references visible to the garbage collector:
+// T provides traverse(visit, arg) and clear(). An instance is only looked at once its
+// C++ object exists: a collection can run while the constructor allocates.
+template <typename T>
+T* constructed(PyObject* self) {
+  auto* instance = reinterpret_cast<py::detail::instance*>(self);
+  py::detail::value_and_holder v_h = instance->get_value_and_holder();
+  return v_h.holder_constructed() ? v_h.value_ptr<T>() : nullptr;
+}
+
+template <typename T>
+py::custom_type_setup with_gc() {
+  return py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+    PyTypeObject* type = &heap_type->ht_type;
+    type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+    type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
+      Py_VISIT(Py_TYPE(self));  // instances of heap types own a reference to their type
+      const T* value = constructed<T>(self);
+      return value == nullptr ? 0 : value->traverse(visit, arg);
+    };
+    type->tp_clear = [](PyObject* self) -> int {
+      if (T* value = constructed<T>(self)) value->clear();
+      return 0;
+    };
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -337,7 +389,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<py::tuple, py::dict>(), py::arg("exact_types"), py::arg("descriptors"))
       .def_property_readonly("exact_types", &TensorAttributes::exact_types,
                              "The types read through the descriptors; others by lookup.");
-  py::class_<SteadyCheck>(m, "SteadyCheck",
+  py::class_<SteadyCheck>(m, "SteadyCheck", with_gc<SteadyCheck>(),
                           "Per-step check of a cached plan (NOTE: [steady check])")
       .def(py::init<const TensorAttributes&, py::list, py::handle, py::list, py::tuple, py::list>(),
            py::arg("attributes"), py::arg("params"), py::arg("dtype"), py::arg("state_dicts"), py::arg("state_keys"),

@@ -1,7 +1,9 @@
 """Drop-in behaviour: constructor arguments, state_dict layout, checkpoints in both
 directions, param groups, closures, schedulers, GradScaler, backend selection."""
 import copy
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -322,6 +324,45 @@ def test_non_contiguous_dense_params_and_grads_in_other_layouts_step_correctly()
     fusedopt.AdamW([transposed], lr=1e-2, backend="kernel").step()
     fusedopt.AdamW([plain], lr=1e-2, backend="reference").step()
     assert torch.equal(transposed.detach(), plain.detach())
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: fusedopt.AdamW(params, lr=1e-2, amsgrad=True, backend="kernel"),
+    lambda params: fusedopt.SGDW(params, lr=1e-2, momentum=0.9, backend="kernel"),
+], ids=["adamw", "sgdw"])
+def test_optimizer_in_a_reference_cycle_through_its_params_is_collected(make):
+    """The cached steady plan holds params and state in C++; the garbage collector
+    must still see those references, or a cycle back to the optimizer (a model's
+    back-reference, a hook that steps it) would keep everything alive forever."""
+    params = model_params()
+    optimizer = make(params)
+    for param in params:
+        param.owner = optimizer
+    for step in range(3):
+        set_random_grads(params, step)
+        optimizer.step()
+    assert optimizer._steady_plans, "the cycle runs through a cached plan"
+    collected = weakref.ref(optimizer)
+    del optimizer, params, param
+    gc.collect()
+    assert collected() is None
+
+
+def test_garbage_collection_while_a_plan_is_built_is_safe():
+    """A collection can start inside the C++ constructor of the cached plan (it reads
+    attributes, which allocates); it must not look into the half-built object."""
+    params = model_params()
+    optimizer = fusedopt.AdamW(params, lr=1e-2, backend="kernel")
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)  # a collection at nearly every allocation
+    try:
+        for step in range(4):
+            set_random_grads(params, step)
+            optimizer._steady_plans.clear()  # build the plan again on this step
+            optimizer.step()
+    finally:
+        gc.set_threshold(*thresholds)
+    assert optimizer._steady_plans
 
 
 class TaggedParameter(torch.nn.Parameter):
