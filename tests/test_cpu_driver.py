@@ -135,16 +135,18 @@ def test_threads_of_either_runtime_give_identical_bits(tmp_path):
     assert len(set(digests)) == 1, digests
 
 
-# The parent steps once on the OpenMP team (creating the state), forks, and both
-# processes take the same three further steps on three threads. The child may only
-# run steady-path steps: any torch op that uses the OpenMP team hangs torch itself in
-# a child forked after the parent used it, which is why fusedopt uses its pool there.
+# Parent and child take the same steps on three threads, the child right after the
+# fork; the parent, before forking, either stepped once itself (`parent-stepped`) or
+# only ran a torch op on its OpenMP team (`parent-used-openmp`). In the child only
+# tensors below torch's parallel grain size are touched by torch: any torch op on the
+# OpenMP team hangs torch itself in a child forked after the parent used it, which
+# is why fusedopt steps on its pool there.
 FORK_SCRIPT = """
 import hashlib, json, os, torch, fusedopt
 from fusedopt import _backend
 torch.set_num_threads(3)
 g = torch.Generator().manual_seed(0)
-params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (31, 40000, 200003)]
+params = [torch.nn.Parameter(torch.randn(30_000, generator=g)) for _ in range(8)]
 grad_sets = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
 adam = fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend="kernel")
 
@@ -155,39 +157,59 @@ def step_then_digest(grad_sets):
         adam.step()
     return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest()
 
-step_then_digest(grad_sets[:1])
+if {parent_steps_first}:
+    step_then_digest(grad_sets[:1])
+    grad_sets = grad_sets[1:]
+else:
+    torch.randn(4_000_000).add_(1)  # the OpenMP team works, fusedopt has not stepped
 reader, writer = os.pipe()
 child = os.fork()
 if child == 0:
-    report = [_backend._C.cpu.parallel_runtime(), step_then_digest(grad_sets[1:])]
+    report = [step_then_digest(grad_sets), _backend._C.cpu.parallel_runtime()]
     os.write(writer, json.dumps(report).encode())
     os._exit(0)
 os.close(writer)
 child_report = json.loads(os.read(reader, 1000))
 os.waitpid(child, 0)
-print(json.dumps({"parent": [_backend._C.cpu.parallel_runtime(), step_then_digest(grad_sets[1:])],
+print(json.dumps({"parent": [step_then_digest(grad_sets), _backend._C.cpu.parallel_runtime()],
                   "child": child_report}))
 """
 FORK_TIMEOUT_S = 300  # a child hung on the parent's OpenMP team fails instead of stalling CI
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
-def test_a_forked_child_steps_on_the_pool_with_the_same_bits(tmp_path):
-    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
+@pytest.mark.parametrize("parent_steps_first", [True, False], ids=["parent-stepped", "parent-used-openmp"])
+def test_a_forked_child_steps_on_the_pool_with_the_same_bits(tmp_path, parent_steps_first):
+    script = FORK_SCRIPT.replace("{parent_steps_first}", str(parent_steps_first))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=tmp_path, timeout=FORK_TIMEOUT_S,
                             env=dict(os.environ, FUSEDOPT_CPU_PARALLEL=""))  # the default choice
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    (parent_runtime, parent_digest), (child_runtime, child_digest) = report["parent"], report["child"]
+    (parent_digest, parent_runtime), (child_digest, child_runtime) = report["parent"], report["child"]
     assert parent_runtime.startswith("openmp (") and child_runtime == "pool", report
     assert parent_digest == child_digest
 
 
-def test_unknown_parallel_runtime_override_is_refused_clearly(tmp_path):
-    script = "import torch, fusedopt; p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3); fusedopt.SGDW([p], lr=0.1).step()"
-    result = run_python(script, tmp_path, FUSEDOPT_CPU_PARALLEL="tbb")
-    assert result.returncode != 0
-    assert "FUSEDOPT_CPU_PARALLEL=tbb; choose pool or openmp" in result.stderr
+REFUSED_RUNTIME_SCRIPT = """
+import torch, fusedopt
+p = torch.nn.Parameter(torch.randn(3))
+p.grad = torch.randn(3)
+adam = fusedopt.Adam([p], lr=0.1)
+adam._init_state(p, adam.state[p], adam.param_groups[0])  # state exists before the refused step
+before = p.detach().clone()
+try:
+    adam.step()
+except ValueError as error:
+    print(error)
+assert adam.state[p]["step"].item() == 0 and torch.equal(p.detach(), before), "the step changed state"
+"""
+
+
+def test_unknown_parallel_runtime_override_is_refused_before_anything_changes(tmp_path):
+    result = run_python(REFUSED_RUNTIME_SCRIPT, tmp_path, FUSEDOPT_CPU_PARALLEL="tbb")
+    assert result.returncode == 0, result.stderr
+    assert "FUSEDOPT_CPU_PARALLEL=tbb; choose pool or openmp" in result.stdout
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

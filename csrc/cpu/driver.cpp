@@ -106,6 +106,7 @@ void* const* as_pointers(const std::vector<T>& list) {
 }  // namespace
 
 void adam_step(const AdamStepArgs& args, int num_threads) {
+  check_parallel_runtime();
   check_lists(args);
   const AdamChunkKernel kernel =
       table().adam(args.dtype, args.decay, args.amsgrad, args.maximize);
@@ -118,6 +119,7 @@ void adam_step(const AdamStepArgs& args, int num_threads) {
 }
 
 void sgdw_step(const SgdwStepArgs& args, int num_threads) {
+  check_parallel_runtime();
   check_lists(args);
   const SgdwChunkKernel kernel = table().sgdw(args.dtype, args.weight_decay != 0.0,
                                               args.momentum_mode, args.nesterov, args.maximize);

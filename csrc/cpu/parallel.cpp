@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 
@@ -11,7 +12,7 @@
 #if defined(__linux__)
 #include <dlfcn.h>
 #include <link.h>
-#include <unistd.h>
+#include <pthread.h>
 #endif
 
 namespace fusedopt::cpu {
@@ -27,8 +28,9 @@ namespace {
 // export it too). The runtime is found among the libraries already loaded, never
 // linked or loaded by us, so the extension still depends on neither torch nor
 // OpenMP. fusedopt's sleeping pool (thread_pool.h) runs the tasks where no runtime is
-// loaded, and in a child process after fork(): GNU libgomp keeps the parent's team
-// in its bookkeeping, and those threads do not exist in the child.
+// loaded, and in a child process forked after fusedopt was imported: GNU libgomp
+// keeps the parent's team in its bookkeeping, and those threads do not exist in the
+// child.
 using GompParallel = void (*)(void (*body)(void*), void* data, unsigned num_threads,
                               unsigned flags);
 
@@ -78,14 +80,10 @@ OpenMpRuntime find_loaded_openmp() {
 // a runtime is loaded. Looked up at the first step, by which time torch is imported.
 struct Selection {
   OpenMpRuntime openmp;  // parallel == nullptr: the pool
-  long pid = 0;
 };
 
 Selection select_runtime() {
   Selection selection;
-#if defined(__linux__)
-  selection.pid = static_cast<long>(getpid());
-#endif
   const char* requested = std::getenv("FUSEDOPT_CPU_PARALLEL");
   const std::string choice = requested == nullptr ? "" : requested;
   if (choice == "pool") return selection;
@@ -105,26 +103,44 @@ const Selection& selection() {
   return selected;
 }
 
+// Whether this process is a child forked after the module was loaded. The parent
+// may have used torch's OpenMP team before the fork (any large torch op does) even if
+// it never stepped; so the handler is registered at load, not at the first step.
+std::atomic<bool> forked_since_load{false};
+
+#if defined(__linux__)
+[[maybe_unused]] const bool fork_handler_registered = [] {
+  return pthread_atfork(nullptr, nullptr, [] { forked_since_load.store(true); }) == 0;
+}();
+#endif
+
 // The OpenMP team of this process, or null where the pool runs the tasks.
 GompParallel openmp_parallel() {
-  const Selection& selected = selection();
-#if defined(__linux__)
-  if (selected.pid != static_cast<long>(getpid())) return nullptr;  // a child after fork()
-#endif
-  return selected.openmp.parallel;
+  if (forked_since_load.load(std::memory_order_relaxed)) return nullptr;
+  return selection().openmp.parallel;
 }
 
 struct OpenMpJob {
   const std::function<void(int64_t)>* task;
   int64_t num_tasks;
   std::atomic<int64_t> next_task{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;  // the first task's exception, rethrown by the caller
+  std::mutex error_mutex;
 };
 
+// An exception must not leave an OpenMP region (it would terminate the process):
+// the first is kept, the remaining tasks are skipped, and the caller rethrows it.
 void run_openmp_job(void* data) {
   auto* job = static_cast<OpenMpJob*>(data);
-  for (int64_t i = job->next_task.fetch_add(1); i < job->num_tasks;
+  for (int64_t i = job->next_task.fetch_add(1); i < job->num_tasks && !job->failed.load();
        i = job->next_task.fetch_add(1)) {
-    (*job->task)(i);
+    try {
+      (*job->task)(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(job->error_mutex);
+      if (!job->failed.exchange(true)) job->error = std::current_exception();
+    }
   }
 }
 
@@ -138,12 +154,17 @@ void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(i
     return;
   }
   if (openmp != nullptr) {
-    OpenMpJob job{&task, num_tasks};
+    OpenMpJob job;
+    job.task = &task;
+    job.num_tasks = num_tasks;
     openmp(&run_openmp_job, &job, static_cast<unsigned>(threads), 0);
+    if (job.error) std::rethrow_exception(job.error);
     return;
   }
   ThreadPool::instance().parallel_for(num_tasks, static_cast<int>(threads), task);
 }
+
+void check_parallel_runtime() { selection(); }
 
 std::string parallel_runtime() {
   if (openmp_parallel() != nullptr) return "openmp (" + selection().openmp.library + ")";

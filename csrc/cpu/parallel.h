@@ -14,6 +14,10 @@ namespace fusedopt::cpu {
 // time, so any thread may run any task.
 void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t)>& task);
 
+// Raises std::invalid_argument for a bad FUSEDOPT_CPU_PARALLEL: the drivers call it
+// before they change anything.
+void check_parallel_runtime();
+
 // Where parallel_for runs tasks in this process: "openmp (<library>)" or "pool".
 std::string parallel_runtime();
 
