@@ -44,14 +44,17 @@ struct Owned {
 // lookup.
 class TensorAttributes {
  public:
-  enum Attribute { kGrad, kDtype, kShape, kNdim, kNbytes, kDataPtr, kIsContiguous, kNumAttributes };
+  enum Attribute {
+    kGrad, kDtype, kShape, kNdim, kNbytes, kDataPtr, kIsContiguous, kIsNeg, kIsConj,
+    kNumAttributes
+  };
 
   // `descriptors` maps each attribute name to what torch.Tensor resolves it to.
   TensorAttributes(py::tuple exact_types, py::dict descriptors) : exact_types_(exact_types) {
     py::list ordered;
     for (int a = 0; a < kNumAttributes; ++a) {
       const py::object descriptor = descriptors[names()[a]];
-      const bool method = a == kDataPtr || a == kIsContiguous;
+      const bool method = a >= kDataPtr;
       const bool usable = method ? PyVectorcall_Function(descriptor.ptr()) != nullptr
                                  : Py_TYPE(descriptor.ptr())->tp_descr_get != nullptr;
       if (!usable) exact_types_ = py::tuple();  // unexpected descriptors: generic lookups only
@@ -89,7 +92,8 @@ class TensorAttributes {
         PyUnicode_InternFromString("grad"), PyUnicode_InternFromString("dtype"),
         PyUnicode_InternFromString("shape"), PyUnicode_InternFromString("ndim"),
         PyUnicode_InternFromString("nbytes"), PyUnicode_InternFromString("data_ptr"),
-        PyUnicode_InternFromString("is_contiguous")};
+        PyUnicode_InternFromString("is_contiguous"), PyUnicode_InternFromString("is_neg"),
+        PyUnicode_InternFromString("is_conj")};
     return interned;
   }
 
@@ -109,9 +113,10 @@ class TensorAttributes {
 
 // NOTE: [steady check]
 // The steady path of fusedopt/_optimizer.py (SteadyPlan) asks, every step, whether
-// the cached call arguments still describe the group: the same param objects at the
-// same addresses, the same state tensors in their state dicts, and a contiguous grad
-// of the expected dtype and shape behind each param. With thousands of tensors these
+// the cached call arguments still describe the group: the same param objects, still
+// contiguous tensors of the planned dtype and shape at the planned addresses; the same
+// state tensors in their state dicts, at their addresses; and behind each param a
+// contiguous grad of the planned dtype and shape, without lazy negation or conjugation. With thousands of tensors these
 // reads are most of a step's host time, so this class does them through the CPython
 // API in one pass and writes the grads' addresses straight into the argument object.
 // It only answers yes or no: on no, the full Python planning runs, validates
@@ -125,9 +130,10 @@ class TensorAttributes {
 class SteadyCheck {
  public:
   SteadyCheck(const TensorAttributes& attributes, py::list params, py::handle dtype,
-              py::list state_dicts, py::tuple state_keys, py::list state_tensors)
+              bool is_complex, py::list state_dicts, py::tuple state_keys, py::list state_tensors)
       : attributes_(attributes),
         dtype_(py::reinterpret_borrow<py::object>(dtype)),
+        is_complex_(is_complex),
         state_keys_(py::reinterpret_borrow<py::tuple>(state_keys)) {
     const size_t n = params.size();
     if (state_dicts.size() != n || state_tensors.size() != n) {
@@ -147,7 +153,11 @@ class SteadyCheck {
       entry.nbytes = param.attr("nbytes").cast<int64_t>();
       entry.state = py::reinterpret_borrow<py::object>(state_dicts[i]);
       entry.state_tensors = tensors;
-      if (py::hasattr(param, "_cdata")) entry.param_impl = param.attr("_cdata").cast<uintptr_t>();
+      for (const py::handle tensor : tensors) {
+        entry.state_addresses.push_back(tensor.attr("data_ptr")().cast<uintptr_t>());
+        entry.state_impls.push_back(implementation_address(tensor));
+      }
+      entry.param_impl = implementation_address(param);
       entries_.push_back(std::move(entry));
     }
   }
@@ -185,17 +195,21 @@ class SteadyCheck {
       Entry& entry = entries_[static_cast<size_t>(i)];
       PyObject* const param = PyList_GET_ITEM(params.ptr(), i);
       if (param != entry.param.ptr()) return false;
+      // The state tensors: the same objects, still over the memory the kernel writes
+      // (`state["exp_avg"].data = pinned_copy` moves it).
       for (Py_ssize_t k = 0; k < num_keys; ++k) {
         PyObject* const tensor =
             PyDict_GetItemWithError(entry.state.ptr(), PyTuple_GET_ITEM(state_keys_.ptr(), k));
-        if (tensor != PyTuple_GET_ITEM(entry.state_tensors.ptr(), k)) {
+        if (tensor != PyTuple_GET_ITEM(entry.state_tensors.ptr(), k) ||
+            !has_address(tensor, entry.state_addresses[static_cast<size_t>(k)])) {
           PyErr_Clear();
           return false;
         }
       }
-      const Owned param_address(attributes_.call(param, A::kDataPtr));
-      if (param_address.object == nullptr ||
-          PyLong_AsUnsignedLongLong(param_address.object) != args.params[static_cast<size_t>(i)]) {
+      // The param: `p.data = ...` can keep its address and change everything else
+      // (a transposed or reshaped view, another dtype over the same bytes).
+      if (!has_address(param, args.params[static_cast<size_t>(i)]) ||
+          !is_plain_dense(param, entry, /*check_negative=*/false)) {
         PyErr_Clear();
         return false;
       }
@@ -205,23 +219,19 @@ class SteadyCheck {
         return false;
       }
       entry.last_grad = grad.object;  // an address to prefetch next step, never dereferenced
-      const Owned grad_dtype(attributes_.get(grad.object, A::kDtype));
-      if (grad_dtype.object != dtype_.ptr()) {
+      // Non-strided grads (sparse, mkldnn) fail here: they have no data pointer.
+      if (!is_plain_dense(grad.object, entry, /*check_negative=*/true)) {
         PyErr_Clear();
         return false;
       }
-      if (!has_planned_shape(grad.object, entry)) {
-        PyErr_Clear();
-        return false;
-      }
-      // Non-strided grads (sparse, mkldnn) raise here: they have no data pointer.
-      const Owned contiguous(attributes_.call(grad.object, A::kIsContiguous));
       const Owned grad_address(attributes_.call(grad.object, A::kDataPtr));
-      if (contiguous.object != Py_True || grad_address.object == nullptr) {
+      const unsigned long long address =
+          grad_address.object == nullptr ? 0 : PyLong_AsUnsignedLongLong(grad_address.object);
+      if (grad_address.object == nullptr || PyErr_Occurred() != nullptr) {
         PyErr_Clear();
         return false;
       }
-      args.grads[static_cast<size_t>(i)] = PyLong_AsUnsignedLongLong(grad_address.object);
+      args.grads[static_cast<size_t>(i)] = address;
     }
     return true;
   }
@@ -234,13 +244,41 @@ class SteadyCheck {
     int64_t nbytes = 0;
     py::object state;  // the param's state dict
     py::tuple state_tensors;  // the tensors expected under state_keys_, in order
+    std::vector<uintptr_t> state_addresses;  // their data pointers
+    std::vector<uintptr_t> state_impls;      // and their TensorImpl addresses, for prefetching
     uintptr_t param_impl = 0;
     const void* last_grad = nullptr;
   };
 
   static constexpr Py_ssize_t kPrefetchDistance = 4;
 
-  // Whether a grad of the planned dtype has the param's shape. With at most one
+  // Whether `tensor` (the param or its grad) is what the kernel can read as plain
+  // memory: the planned dtype and shape, contiguous, no lazy negation or conjugation.
+  // A param that kept its address, dtype, shape and contiguity cannot have gained a
+  // negative bit through public torch API, so `check_negative` is for grads only.
+  bool is_plain_dense(PyObject* tensor, const Entry& entry, bool check_negative) const {
+    using A = TensorAttributes;
+    const Owned dtype(attributes_.get(tensor, A::kDtype));
+    if (dtype.object != dtype_.ptr() || !has_planned_shape(tensor, entry)) return false;
+    const Owned contiguous(attributes_.call(tensor, A::kIsContiguous));
+    if (contiguous.object != Py_True) return false;
+    if (check_negative) {
+      const Owned negative(attributes_.call(tensor, A::kIsNeg));
+      if (negative.object != Py_False) return false;
+    }
+    if (!is_complex_) return true;
+    const Owned conjugate(attributes_.call(tensor, A::kIsConj));
+    return conjugate.object == Py_False;
+  }
+
+  bool has_address(PyObject* tensor, uintptr_t expected) const {
+    const Owned address(attributes_.call(tensor, TensorAttributes::kDataPtr));
+    if (address.object == nullptr) return false;
+    const unsigned long long value = PyLong_AsUnsignedLongLong(address.object);
+    return PyErr_Occurred() == nullptr && value == expected;
+  }
+
+  // Whether a tensor of the planned dtype has the param's shape. With at most one
   // dimension, the dimension count and byte size settle it without building a
   // torch.Size (a tuple allocation, the most expensive read of the check).
   bool has_planned_shape(PyObject* grad, const Entry& entry) const {
@@ -256,18 +294,33 @@ class SteadyCheck {
     return nbytes.object != nullptr && PyLong_AsLongLong(nbytes.object) == entry.nbytes;
   }
 
+  // The address of a tensor's C++ TensorImpl (`Tensor._cdata`), only ever prefetched;
+  // 0 where the attribute is missing.
+  static uintptr_t implementation_address(py::handle tensor) {
+    return py::hasattr(tensor, "_cdata") ? tensor.attr("_cdata").cast<uintptr_t>() : 0;
+  }
+
+  static void prefetch_implementation(uintptr_t address) {
+    if (address == 0) return;
+    const char* impl = reinterpret_cast<const char*>(address);
+    for (int line = 0; line < 4; ++line) __builtin_prefetch(impl + 64 * line);
+  }
+
   static void prefetch(const Entry& entry) {
     __builtin_prefetch(entry.param.ptr());
     __builtin_prefetch(entry.state.ptr());
-    if (entry.param_impl != 0) {
-      const char* impl = reinterpret_cast<const char*>(entry.param_impl);
-      for (int line = 0; line < 4; ++line) __builtin_prefetch(impl + 64 * line);
+    prefetch_implementation(entry.param_impl);
+    const Py_ssize_t num_tensors = PyTuple_GET_SIZE(entry.state_tensors.ptr());
+    for (Py_ssize_t k = 0; k < num_tensors; ++k) {
+      __builtin_prefetch(PyTuple_GET_ITEM(entry.state_tensors.ptr(), k));
+      prefetch_implementation(entry.state_impls[static_cast<size_t>(k)]);
     }
     if (entry.last_grad != nullptr) __builtin_prefetch(entry.last_grad);
   }
 
   TensorAttributes attributes_;
   py::object dtype_;
+  bool is_complex_;  // complex params and grads must not be lazily conjugated either
   py::tuple state_keys_;
   std::vector<Entry> entries_;
 };
@@ -391,13 +444,13 @@ PYBIND11_MODULE(_C, m) {
                              "The types read through the descriptors; others by lookup.");
   py::class_<SteadyCheck>(m, "SteadyCheck", with_gc<SteadyCheck>(),
                           "Per-step check of a cached plan (NOTE: [steady check])")
-      .def(py::init<const TensorAttributes&, py::list, py::handle, py::list, py::tuple, py::list>(),
-           py::arg("attributes"), py::arg("params"), py::arg("dtype"), py::arg("state_dicts"), py::arg("state_keys"),
-           py::arg("state_tensors"))
+      .def(py::init<const TensorAttributes&, py::list, py::handle, bool, py::list, py::tuple,
+                    py::list>(),
+           py::arg("attributes"), py::arg("params"), py::arg("dtype"), py::arg("is_complex"),
+           py::arg("state_dicts"), py::arg("state_keys"), py::arg("state_tensors"))
       .def("refresh", &SteadyCheck::refresh<AdamStepArgs>, py::arg("args"), py::arg("params"),
-           "True, with args.grads set, when `params` are the planned params at the planned "
-           "addresses, their state dicts hold the planned tensors, and each has a contiguous "
-           "grad of the planned dtype and shape.")
+           "True, with args.grads set, when the cached arguments still describe `params` "
+           "and each has a sound grad (NOTE: [steady check]).")
       .def("refresh", &SteadyCheck::refresh<SgdwStepArgs>, py::arg("args"), py::arg("params"));
 
   py::module_ cpu = m.def_submodule("cpu", "C++ CPU kernels");

@@ -44,7 +44,8 @@ def _tensor_attributes():
     resolve them the same way and may be read through them directly."""
     if _C is None:
         return None
-    names = ("grad", "dtype", "shape", "ndim", "nbytes", "data_ptr", "is_contiguous")
+    names = ("grad", "dtype", "shape", "ndim", "nbytes", "data_ptr", "is_contiguous", "is_neg",
+             "is_conj")
     descriptors = {name: inspect.getattr_static(torch.Tensor, name) for name in names}
     exact_types = tuple(
         cls for cls in (torch.Tensor, torch.nn.Parameter)

@@ -40,7 +40,7 @@ class FusedOptimizer(Optimizer):
         self.backend = backend
         self._warned = set()
         self._steady_plans = {}  # id(group) -> SteadyPlan
-        self._state_snapshot = []  # self.state's values after the last step
+        self._state_snapshot = ([], [])  # self.state's keys and values after the last step
         super().__init__(params, defaults)
 
     # -- what subclasses provide ------------------------------------------------
@@ -78,11 +78,13 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Plan and validate every group before the first write.
+        keys, values = self._state_snapshot
         if self._steady_plans and not (
-            len(self.state) == len(self._state_snapshot)
-            and all(map(operator.is_, self.state.values(), self._state_snapshot))
+            len(self.state) == len(keys)
+            and all(map(operator.is_, self.state.keys(), keys))
+            and all(map(operator.is_, self.state.values(), values))
         ):
-            self._steady_plans.clear()  # an entry of self.state was replaced or removed
+            self._steady_plans.clear()  # an entry of self.state was added, replaced or removed
         work = []  # (group, (steady plan, hyperparameters)) or (group, batches)
         all_steady = True
         for group_index, group in enumerate(self.param_groups):
@@ -111,7 +113,7 @@ class FusedOptimizer(Optimizer):
             if len(batches) == 1 and batch.use_kernel:
                 self._steady_plans[id(group)] = SteadyPlan.try_build(self, group, batch)
         if not all_steady:  # steady steps add and replace no state entries
-            self._state_snapshot = list(self.state.values())
+            self._state_snapshot = (list(self.state.keys()), list(self.state.values()))
         return loss
 
     def _plan_group(self, group_index, group):
@@ -152,8 +154,17 @@ class FusedOptimizer(Optimizer):
             if state:
                 self._check_existing_state(param, state, state_keys, batch.use_kernel,
                                            group_index, param_index)
-            if batch.use_kernel and not _backend.same_layout(grad, param):
-                grad = torch.empty_like(param).copy_(grad)  # the kernel walks both in one order
+            if grad.is_conj() or grad.is_neg():
+                grad = grad.resolve_conj().resolve_neg()  # a copy that holds the values
+            if batch.use_kernel:
+                if param.is_conj() or param.is_neg():
+                    raise ValueError(
+                        f"{_backend.describe_param(group_index, param_index)} is a lazily "
+                        "conjugated or negated view; the kernels step plain memory, so give it "
+                        "resolved data (p.data = p.data.resolve_conj().resolve_neg())"
+                    )
+                if not _backend.same_layout(grad, param):
+                    grad = torch.empty_like(param).copy_(grad)  # the kernel walks both in one order
             batch.params.append(param)
             batch.grads.append(grad)
             batch.states.append(state)
@@ -264,7 +275,7 @@ class SteadyPlan:
     reference path) takes the full per-tensor planning.
     """
 
-    __slots__ = ("state_keys", "device", "check", "args")
+    __slots__ = ("state_keys", "backend", "device", "check", "args")
 
     @classmethod
     def try_build(cls, optimizer, group, batch):
@@ -276,9 +287,11 @@ class SteadyPlan:
             return None
         plan = cls()
         plan.state_keys = optimizer._state_keys(group)
+        plan.backend = optimizer.backend
         keys = plan.state_keys + (("step",) if "step" in batch.states[0] else ())
         plan.check = _backend._C.SteadyCheck(
-            _backend.TENSOR_ATTRIBUTES, list(params), params[0].dtype, list(batch.states), keys,
+            _backend.TENSOR_ATTRIBUTES, list(params), params[0].dtype, params[0].is_complex(),
+            list(batch.states), keys,
             [tuple(state[key] for key in keys) for state in batch.states])
         plan.device = params[0].device
         plan.args = kernel_args[0]
@@ -293,7 +306,7 @@ class SteadyPlan:
         grad on its param's device (the `grad` setter and `.data` refuse others), and a
         sparse or other non-strided grad has no data pointer, which fails the check.
         """
-        if optimizer._state_keys(group) != self.state_keys:
+        if optimizer._state_keys(group) != self.state_keys or optimizer.backend != self.backend:
             return False
         return self.check.refresh(self.args, group["params"])
 

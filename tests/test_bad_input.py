@@ -57,6 +57,10 @@ def break_grad_shape(optimizer, groups):
     groups[1][0].grad.data = torch.randn(12)
 
 
+def break_param_shape_keeping_its_memory(optimizer, groups):
+    groups[0][0].data = groups[0][0].data.view(15)  # same address, shape (5, 3) -> (15,)
+
+
 def break_grad_shape_keeping_its_size(optimizer, groups):
     groups[0][0].grad.data = torch.randn(3, 5)  # the param is (5, 3): same count and bytes
 
@@ -115,6 +119,8 @@ CASES = [
     (break_sparse_grad, ValueError, "param 0 of param group 1 has a sparse gradient"),
     (break_grad_dtype, ValueError, "param 0 of param group 1 is torch.float32 but its gradient is torch.float64"),
     (break_grad_shape, ValueError, r"param 0 of param group 1 has shape \(11,\) but its gradient has shape \(12,\)"),
+    (break_param_shape_keeping_its_memory, ValueError,
+     r"param 0 of param group 0 has shape \(15,\) but its gradient has shape \(5, 3\)"),
     (break_grad_shape_keeping_its_size, ValueError,
      r"param 0 of param group 0 has shape \(5, 3\) but its gradient has shape \(3, 5\)"),
     (break_mixed_devices, ValueError, "param group 1 mixes devices"),

@@ -365,6 +365,56 @@ def test_garbage_collection_while_a_plan_is_built_is_safe():
     assert optimizer._steady_plans
 
 
+def test_lazily_conjugated_and_negated_grads_step_with_their_values():
+    """`grad.conj()` and negative views carry a bit, not the values: the kernel must
+    step with the values, on the first step and on cached-plan steps alike."""
+    torch.manual_seed(0)
+    ours_params = [torch.nn.Parameter(torch.randn(5, dtype=torch.complex64)), torch.nn.Parameter(torch.randn(7))]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = fusedopt.AdamW(ours_params, lr=1e-2, backend="kernel")
+    ref = fusedopt.AdamW(ref_params, lr=1e-2, backend="reference")
+    for step in range(4):
+        complex_grad = torch.randn(5, dtype=torch.complex64)
+        real_grad = torch.randn(7, dtype=torch.complex64)
+        grads = [complex_grad.conj(), real_grad.conj().imag]  # conjugate bit, negative bit
+        assert grads[0].is_conj() and grads[1].is_neg()
+        for p, q, g in zip(ours_params, ref_params, grads):
+            p.grad, q.grad = g, g.resolve_conj().resolve_neg()
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_params, ref_params):
+        assert torch.equal(p.detach(), q.detach())
+
+
+def test_param_reinterpreted_in_place_as_another_dtype_is_noticed():
+    """`p.data = p.data.view(other dtype)` keeps the address and the shape; the cached
+    plan must still notice, so the step is refused like any grad of another dtype."""
+    params = [torch.nn.Parameter(p.detach().half()) for p in model_params()]
+    optimizer = fusedopt.AdamW(params, lr=1e-2, backend="kernel")
+    for step in range(2):
+        set_random_grads(params, step)
+        optimizer.step()
+    set_random_grads(params, 2)
+    params[0].data = params[0].data.view(torch.bfloat16)
+    with pytest.raises(ValueError, match="is torch.bfloat16 but its gradient is torch.float16"):
+        optimizer.step()
+
+
+def test_changing_the_backend_between_steps_is_followed():
+    params = model_params()
+    optimizer = fusedopt.AdamW(params, lr=1e-2, backend="kernel")
+    for step in range(2):
+        set_random_grads(params, step)
+        optimizer.step()
+    optimizer.backend = "reference"
+    stepped = []
+    original = optimizer._reference_step
+    optimizer._reference_step = lambda batch: (stepped.append(batch), original(batch))
+    set_random_grads(params, 2)
+    optimizer.step()
+    assert stepped, "the reference stepped after the switch"
+
+
 class TaggedParameter(torch.nn.Parameter):
     """A Parameter subclass: the steady check reads its attributes by generic lookup
     (only exact torch.Tensor and nn.Parameter objects take the direct descriptors)."""
@@ -377,18 +427,24 @@ def test_steady_check_reads_exact_tensor_types_directly():
 
 @pytest.mark.parametrize("param_type", [torch.nn.Parameter, TaggedParameter])
 def test_steps_follow_swapped_param_storage_and_replaced_state(param_type):
-    """The cached steady plan must notice `p.data = ...` and replaced state tensors."""
+    """The cached steady plan must notice `p.data = ...`, replaced state tensors and
+    state moved to new memory."""
     ours_params = [param_type(p.detach()) for p in model_params()]
     ref_params = model_params()
     ours = fusedopt.AdamW(ours_params, lr=1e-2, backend="kernel")
     ref = fusedopt.AdamW(ref_params, lr=1e-2, backend="reference")
-    for step in range(6):
+    for step in range(7):
         set_random_grads(ours_params, step)
         set_random_grads(ref_params, step)
         if step == 3:
             ours_params[0].data = ours_params[0].data.clone()  # same shape, new storage
             ours.state[ours_params[1]]["exp_avg"] = torch.zeros_like(ours_params[1])
             ref.state[ref_params[1]]["exp_avg"] = torch.zeros_like(ref_params[1])
+        if step == 4:  # state moved to new memory in place, as offloading does
+            for optimizer, params in ((ours, ours_params), (ref, ref_params)):
+                for key in ("exp_avg_sq", "step"):
+                    tensor = optimizer.state[params[2]][key]
+                    tensor.data = tensor.data.clone()
         ours.step()
         ref.step()
     assert ours._steady_plans, "the last steps took the steady path"
