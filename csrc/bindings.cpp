@@ -114,17 +114,17 @@ class TensorAttributes {
 // NOTE: [steady check]
 // The steady path of fusedopt/_optimizer.py (SteadyPlan) asks, every step, whether
 // the cached call arguments still describe the group: the same param objects, still
-// contiguous tensors of the planned dtype and shape at the planned addresses; the same
-// state tensors in their state dicts, at their addresses; and behind each param a
-// contiguous grad of the planned dtype and shape, without lazy negation or conjugation. With thousands of tensors these
-// reads are most of a step's host time, so this class does them through the CPython
-// API in one pass and writes the grads' addresses straight into the argument object.
-// It only answers yes or no: on no, the full Python planning runs, validates
-// everything and names any problem.
+// contiguous tensors of the planned dtype and shape at the planned addresses; the
+// same state tensors in their state dicts, at their addresses; and behind each param
+// a contiguous grad of the planned dtype and shape, without lazy negation or
+// conjugation. With thousands of tensors these reads are most of a step's host time,
+// so this class does them through the CPython API in one pass and writes the grads'
+// addresses straight into the argument object. It only answers yes or no: on no, the
+// full Python planning runs, validates everything and names any problem.
 //
-// The pass is bound by the cache misses on each param's objects (param, tensor
-// implementation, grad, state dict), so it prefetches them a few params ahead: the
-// param's TensorImpl address comes from `Tensor._cdata` when the plan is built, and
+// The pass is bound by the cache misses on each param's objects (param, state
+// tensors, their TensorImpls, grad, state dict), so it prefetches them a few params
+// ahead: TensorImpl addresses come from `Tensor._cdata` when the plan is built, and
 // the grad object is the one seen on the previous step. Prefetching never faults and
 // never decides anything; a stale address only wastes a prefetch.
 class SteadyCheck {
