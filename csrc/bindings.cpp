@@ -12,6 +12,7 @@
 
 #include "cpu/driver.h"
 #include "cpu/parallel.h"
+#include "dlpack_exchange.h"
 #if defined(FUSEDOPT_WITH_CUDA)
 #include "cuda/driver.h"
 #endif
@@ -49,8 +50,10 @@ class TensorAttributes {
     kNumAttributes
   };
 
-  // `descriptors` maps each attribute name to what torch.Tensor resolves it to.
-  TensorAttributes(py::tuple exact_types, py::dict descriptors) : exact_types_(exact_types) {
+  // `descriptors` maps each attribute name to what torch.Tensor resolves it to;
+  // `exchange_capsule` is torch.Tensor's `__dlpack_c_exchange_api__`, or None.
+  TensorAttributes(py::tuple exact_types, py::dict descriptors, py::object exchange_capsule)
+      : exact_types_(exact_types), exchange_capsule_(exchange_capsule) {
     py::list ordered;
     for (int a = 0; a < kNumAttributes; ++a) {
       const py::object descriptor = descriptors[names()[a]];
@@ -61,14 +64,31 @@ class TensorAttributes {
       ordered.append(descriptor);
     }
     descriptors_ = py::tuple(ordered);
+    describe_ = describe_function(exchange_capsule.ptr());
   }
 
   py::tuple exact_types() const { return exact_types_; }
 
+  // Whether tensors of the exact types can be described in one C call (describe).
+  bool exchanges() const { return describe_ != nullptr && PyTuple_GET_SIZE(exact_types_.ptr()) > 0; }
+
   int traverse(visitproc visit, void* arg) const {
     Py_VISIT(exact_types_.ptr());
     Py_VISIT(descriptors_.ptr());
+    Py_VISIT(exchange_capsule_.ptr());
     return 0;
+  }
+
+  // Fills `out` with the tensor's address, device, dtype, shape and strides through
+  // the DLPack exchange API. False, with no Python error left, for objects of other
+  // types, without the API, or where the tensor has no such description (sparse).
+  bool describe(PyObject* tensor, fusedopt::dlpack::Tensor* out) const {
+    if (describe_ == nullptr || !is_exact(tensor)) return false;
+    if (describe_(tensor, out) != 0) {
+      PyErr_Clear();
+      return false;
+    }
+    return true;
   }
 
   // A new reference, or null with a Python error set.
@@ -97,6 +117,20 @@ class TensorAttributes {
     return interned;
   }
 
+  // The capsule's describe function if it is a DLPack 1.x exchange table (1.3 is
+  // the first that comes as a capsule) that has one; null otherwise.
+  static fusedopt::dlpack::DescribeFunction describe_function(PyObject* capsule) {
+    namespace dl = fusedopt::dlpack;
+    if (!PyCapsule_IsValid(capsule, dl::kExchangeCapsuleName)) return nullptr;
+    const auto* api =
+        static_cast<const dl::ExchangeApi*>(PyCapsule_GetPointer(capsule, dl::kExchangeCapsuleName));
+    if (api == nullptr || api->header.version.major != dl::kMajorVersion ||
+        api->header.version.minor < dl::kFirstMinorWithCapsule) {
+      return nullptr;
+    }
+    return api->dltensor_from_py_object_no_sync;
+  }
+
   bool is_exact(PyObject* tensor) const {
     const Py_ssize_t n = PyTuple_GET_SIZE(exact_types_.ptr());
     for (Py_ssize_t t = 0; t < n; ++t) {
@@ -109,18 +143,28 @@ class TensorAttributes {
 
   py::tuple exact_types_;
   py::tuple descriptors_;  // in Attribute order
+  py::object exchange_capsule_;  // keeps describe_'s table alive
+  fusedopt::dlpack::DescribeFunction describe_ = nullptr;
 };
 
 // NOTE: [steady check]
 // The steady path of fusedopt/_optimizer.py (SteadyPlan) asks, every step, whether
 // the cached call arguments still describe the group: the same param objects, still
 // contiguous tensors of the planned dtype and shape at the planned addresses; the
-// same state tensors in their state dicts, at their addresses; and behind each param
-// a contiguous grad of the planned dtype and shape, without lazy negation or
-// conjugation. With thousands of tensors these reads are most of a step's host time,
-// so this class does them through the CPython API in one pass and writes the grads'
-// addresses straight into the argument object. It only answers yes or no: on no, the
-// full Python planning runs, validates everything and names any problem.
+// same state tensors in their state dicts, still contiguous tensors of their planned
+// dtype and shape at their addresses; and behind each param a contiguous grad of the
+// planned dtype, shape and device, without lazy negation or conjugation. With
+// thousands of tensors these reads are most of a step's host time, so this class does
+// them in one pass and writes the grads' addresses straight into the argument object.
+// It only answers yes or no: on no, the full Python planning runs, validates
+// everything and names any problem.
+//
+// Where torch offers the DLPack C exchange API (dlpack_exchange.h), one C call
+// describes a tensor (address, device, dtype, shape, strides): 5 per param with
+// Adam's three state tensors, plus two Python calls, the grad and its negative bit,
+// which DLPack does not report. Older torch, or params and state of other types
+// than torch.Tensor and nn.Parameter, take one attribute read per fact
+// (check_by_attributes), about three times the host time.
 //
 // The pass is bound by the cache misses on each param's objects (param, state
 // tensors, their TensorImpls, grad, state dict), so it prefetches them a few params
@@ -140,6 +184,7 @@ class SteadyCheck {
       throw std::invalid_argument("SteadyCheck: params, state_dicts and state_tensors differ in length");
     }
     entries_.reserve(n);
+    described_ = attributes_.exchanges();
     for (size_t i = 0; i < n; ++i) {
       const py::handle param = params[i];
       const py::tuple tensors = state_tensors[i].cast<py::tuple>();
@@ -156,11 +201,18 @@ class SteadyCheck {
       for (const py::handle tensor : tensors) {
         entry.state_addresses.push_back(tensor.attr("data_ptr")().cast<uintptr_t>());
         entry.state_impls.push_back(implementation_address(tensor));
+        entry.state_dtypes.push_back(tensor.attr("dtype"));
+        entry.state_shapes.push_back(tensor.attr("shape"));
+        if (described_) described_ = record_layout(tensor.ptr(), &entry.state_layouts);
       }
       entry.param_impl = implementation_address(param);
+      if (described_) described_ = record_layout(param.ptr(), &entry.param_layout);
       entries_.push_back(std::move(entry));
     }
   }
+
+  // Whether refresh describes tensors through the DLPack exchange API.
+  bool described() const { return described_; }
 
   // The check owns references to params, state dicts and state tensors, which can
   // lead back to the optimizer (a param's hook that steps it, as in the
@@ -172,6 +224,7 @@ class SteadyCheck {
       Py_VISIT(entry.shape.ptr());
       Py_VISIT(entry.state.ptr());
       Py_VISIT(entry.state_tensors.ptr());
+      for (const py::object& shape : entry.state_shapes) Py_VISIT(shape.ptr());
     }
     Py_VISIT(dtype_.ptr());
     Py_VISIT(state_keys_.ptr());
@@ -183,60 +236,36 @@ class SteadyCheck {
 
   template <typename Args>
   bool refresh(Args& args, py::list params) {
-    using A = TensorAttributes;
     const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
     if (static_cast<size_t>(n) != entries_.size() || static_cast<size_t>(n) != args.params.size()) {
       return false;
     }
-    const Py_ssize_t num_keys = PyTuple_GET_SIZE(state_keys_.ptr());
     args.grads.resize(static_cast<size_t>(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (i + kPrefetchDistance < n) prefetch(entries_[static_cast<size_t>(i + kPrefetchDistance)]);
       Entry& entry = entries_[static_cast<size_t>(i)];
       PyObject* const param = PyList_GET_ITEM(params.ptr(), i);
-      if (param != entry.param.ptr()) return false;
-      // The state tensors: the same objects, still over the memory the kernel writes
-      // (`state["exp_avg"].data = pinned_copy` moves it).
-      for (Py_ssize_t k = 0; k < num_keys; ++k) {
-        PyObject* const tensor =
-            PyDict_GetItemWithError(entry.state.ptr(), PyTuple_GET_ITEM(state_keys_.ptr(), k));
-        if (tensor != PyTuple_GET_ITEM(entry.state_tensors.ptr(), k) ||
-            !has_address(tensor, entry.state_addresses[static_cast<size_t>(k)])) {
-          PyErr_Clear();
-          return false;
-        }
-      }
-      // The param: `p.data = ...` can keep its address and change everything else
-      // (a transposed or reshaped view, another dtype over the same bytes).
-      if (!has_address(param, args.params[static_cast<size_t>(i)]) ||
-          !is_plain_dense(param, entry, /*check_negative=*/false)) {
+      uintptr_t grad_address = 0;
+      const bool sound = param == entry.param.ptr() &&
+                         (described_ ? check_described(entry, param, args.params[i], &grad_address)
+                                     : check_by_attributes(entry, param, args.params[i], &grad_address));
+      if (!sound) {
         PyErr_Clear();
         return false;
       }
-      const Owned grad(attributes_.get(param, A::kGrad));
-      if (grad.object == nullptr || grad.object == Py_None) {
-        PyErr_Clear();
-        return false;
-      }
-      entry.last_grad = grad.object;  // an address to prefetch next step, never dereferenced
-      // Non-strided grads (sparse, mkldnn) fail here: they have no data pointer.
-      if (!is_plain_dense(grad.object, entry, /*check_negative=*/true)) {
-        PyErr_Clear();
-        return false;
-      }
-      const Owned grad_address(attributes_.call(grad.object, A::kDataPtr));
-      const unsigned long long address =
-          grad_address.object == nullptr ? 0 : PyLong_AsUnsignedLongLong(grad_address.object);
-      if (grad_address.object == nullptr || PyErr_Occurred() != nullptr) {
-        PyErr_Clear();
-        return false;
-      }
-      args.grads[static_cast<size_t>(i)] = address;
+      args.grads[static_cast<size_t>(i)] = grad_address;
     }
     return true;
   }
 
  private:
+  // What the exchange API reports for a tensor as planned, apart from its address.
+  struct Layout {
+    fusedopt::dlpack::Device device{};
+    fusedopt::dlpack::DataType dtype{};
+    std::vector<int64_t> shape;
+  };
+
   struct Entry {
     py::object param;
     py::object shape;  // torch.Size
@@ -246,11 +275,139 @@ class SteadyCheck {
     py::tuple state_tensors;  // the tensors expected under state_keys_, in order
     std::vector<uintptr_t> state_addresses;  // their data pointers
     std::vector<uintptr_t> state_impls;      // and their TensorImpl addresses, for prefetching
+    std::vector<py::object> state_dtypes;    // and their dtypes and shapes (torch.Size)
+    std::vector<py::object> state_shapes;
     uintptr_t param_impl = 0;
     const void* last_grad = nullptr;
+    Layout param_layout;                     // when described_
+    std::vector<Layout> state_layouts;       // when described_, in state_keys_ order
   };
 
   static constexpr Py_ssize_t kPrefetchDistance = 4;
+
+  // One param through the exchange API: its state tensors, the param, its grad.
+  bool check_described(Entry& entry, PyObject* param, uintptr_t param_address,
+                       uintptr_t* grad_address) {
+    using A = TensorAttributes;
+    fusedopt::dlpack::Tensor described{};
+    const Py_ssize_t num_keys = PyTuple_GET_SIZE(state_keys_.ptr());
+    for (Py_ssize_t k = 0; k < num_keys; ++k) {
+      PyObject* const tensor = expected_state_tensor(entry, k);
+      if (tensor == nullptr || !attributes_.describe(tensor, &described) ||
+          !has_layout(described, entry.state_layouts[static_cast<size_t>(k)]) ||
+          address_of(described) != entry.state_addresses[static_cast<size_t>(k)]) {
+        return false;
+      }
+    }
+    if (!attributes_.describe(param, &described) || !has_layout(described, entry.param_layout) ||
+        address_of(described) != param_address || (is_complex_ && !is_false(param, A::kIsConj))) {
+      return false;
+    }
+    const Owned grad(attributes_.get(param, A::kGrad));
+    if (grad.object == nullptr || grad.object == Py_None) return false;
+    entry.last_grad = grad.object;  // an address to prefetch next step, never dereferenced
+    // Sparse and other non-strided grads have no description and fail here.
+    if (!attributes_.describe(grad.object, &described) ||
+        !has_layout(described, entry.param_layout) || !is_false(grad.object, A::kIsNeg) ||
+        (is_complex_ && !is_false(grad.object, A::kIsConj))) {
+      return false;
+    }
+    *grad_address = address_of(described);
+    return true;
+  }
+
+  // The same questions, one attribute read per fact.
+  bool check_by_attributes(Entry& entry, PyObject* param, uintptr_t param_address,
+                           uintptr_t* grad_address) {
+    using A = TensorAttributes;
+    const Py_ssize_t num_keys = PyTuple_GET_SIZE(state_keys_.ptr());
+    for (Py_ssize_t k = 0; k < num_keys; ++k) {
+      const size_t at = static_cast<size_t>(k);
+      PyObject* const tensor = expected_state_tensor(entry, k);
+      if (tensor == nullptr || !has_address(tensor, entry.state_addresses[at]) ||
+          !is_contiguous_as(tensor, entry.state_dtypes[at], entry.state_shapes[at])) {
+        return false;
+      }
+    }
+    // The param: `p.data = ...` can keep its address and change everything else
+    // (a transposed or reshaped view, another dtype over the same bytes).
+    if (!has_address(param, param_address) || !is_plain_dense(param, entry, /*check_negative=*/false)) {
+      return false;
+    }
+    const Owned grad(attributes_.get(param, A::kGrad));
+    if (grad.object == nullptr || grad.object == Py_None) return false;
+    entry.last_grad = grad.object;  // an address to prefetch next step, never dereferenced
+    // Non-strided grads (sparse, mkldnn) fail here: they have no data pointer.
+    if (!is_plain_dense(grad.object, entry, /*check_negative=*/true)) return false;
+    const Owned address(attributes_.call(grad.object, A::kDataPtr));
+    if (address.object == nullptr) return false;
+    *grad_address = PyLong_AsUnsignedLongLong(address.object);
+    return PyErr_Occurred() == nullptr;
+  }
+
+  // The state tensor under key k if it is still the planned object (a borrowed
+  // reference), else null.
+  PyObject* expected_state_tensor(const Entry& entry, Py_ssize_t k) const {
+    PyObject* const tensor =
+        PyDict_GetItemWithError(entry.state.ptr(), PyTuple_GET_ITEM(state_keys_.ptr(), k));
+    return tensor == PyTuple_GET_ITEM(entry.state_tensors.ptr(), k) ? tensor : nullptr;
+  }
+
+  // Appends (or, for a single Layout, writes) the described layout of a plain
+  // contiguous tensor; false where it cannot be described or is not contiguous.
+  bool record_layout(PyObject* tensor, std::vector<Layout>* layouts) const {
+    layouts->emplace_back();
+    return record_layout(tensor, &layouts->back());
+  }
+
+  bool record_layout(PyObject* tensor, Layout* layout) const {
+    fusedopt::dlpack::Tensor described{};
+    if (!attributes_.describe(tensor, &described) || !is_row_major(described)) return false;
+    layout->device = described.device;
+    layout->dtype = described.dtype;
+    layout->shape.assign(described.shape, described.shape + described.ndim);
+    return true;
+  }
+
+  static uintptr_t address_of(const fusedopt::dlpack::Tensor& described) {
+    return reinterpret_cast<uintptr_t>(described.data) + described.byte_offset;
+  }
+
+  // Whether a described tensor is contiguous with the planned device, dtype and shape.
+  static bool has_layout(const fusedopt::dlpack::Tensor& described, const Layout& layout) {
+    if (described.device.device_type != layout.device.device_type ||
+        described.device.device_id != layout.device.device_id ||
+        described.dtype.code != layout.dtype.code || described.dtype.bits != layout.dtype.bits ||
+        described.dtype.lanes != layout.dtype.lanes ||
+        static_cast<size_t>(described.ndim) != layout.shape.size()) {
+      return false;
+    }
+    for (int32_t d = 0; d < described.ndim; ++d) {
+      if (described.shape[d] != layout.shape[static_cast<size_t>(d)]) return false;
+    }
+    return is_row_major(described);
+  }
+
+  // torch's contiguity: an empty tensor is contiguous; otherwise every dimension of
+  // size other than 1 has the stride of a dense row-major tensor.
+  static bool is_row_major(const fusedopt::dlpack::Tensor& described) {
+    if (described.strides == nullptr) return true;  // DLPack's compact row-major
+    for (int32_t d = 0; d < described.ndim; ++d) {
+      if (described.shape[d] == 0) return true;
+    }
+    int64_t expected = 1;
+    for (int32_t d = described.ndim - 1; d >= 0; --d) {
+      if (described.shape[d] != 1 && described.strides[d] != expected) return false;
+      expected *= described.shape[d];
+    }
+    return true;
+  }
+
+  // Whether a no-argument predicate method (is_neg, is_conj) answers False.
+  bool is_false(PyObject* tensor, TensorAttributes::Attribute method) const {
+    const Owned answer(attributes_.call(tensor, method));
+    return answer.object == Py_False;
+  }
 
   // Whether `tensor` (the param or its grad) is what the kernel can read as plain
   // memory: the planned dtype and shape, contiguous, no lazy negation or conjugation.
@@ -262,13 +419,22 @@ class SteadyCheck {
     if (dtype.object != dtype_.ptr() || !has_planned_shape(tensor, entry)) return false;
     const Owned contiguous(attributes_.call(tensor, A::kIsContiguous));
     if (contiguous.object != Py_True) return false;
-    if (check_negative) {
-      const Owned negative(attributes_.call(tensor, A::kIsNeg));
-      if (negative.object != Py_False) return false;
+    if (check_negative && !is_false(tensor, A::kIsNeg)) return false;
+    return !is_complex_ || is_false(tensor, A::kIsConj);
+  }
+
+  // Whether `tensor` is contiguous with this dtype and shape (a state tensor).
+  bool is_contiguous_as(PyObject* tensor, const py::object& dtype, const py::object& shape) const {
+    using A = TensorAttributes;
+    const Owned actual_dtype(attributes_.get(tensor, A::kDtype));
+    if (actual_dtype.object != dtype.ptr()) return false;
+    const Owned actual_shape(attributes_.get(tensor, A::kShape));
+    if (actual_shape.object == nullptr ||
+        PyObject_RichCompareBool(actual_shape.object, shape.ptr(), Py_EQ) != 1) {
+      return false;
     }
-    if (!is_complex_) return true;
-    const Owned conjugate(attributes_.call(tensor, A::kIsConj));
-    return conjugate.object == Py_False;
+    const Owned contiguous(attributes_.call(tensor, A::kIsContiguous));
+    return contiguous.object == Py_True;
   }
 
   bool has_address(PyObject* tensor, uintptr_t expected) const {
@@ -323,6 +489,7 @@ class SteadyCheck {
   bool is_complex_;  // complex params and grads must not be lazily conjugated either
   py::tuple state_keys_;
   std::vector<Entry> entries_;
+  bool described_ = false;  // refresh uses check_described, else check_by_attributes
 };
 
 // Makes a bound class that owns Python references visible to the garbage collector:
@@ -439,15 +606,21 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<TensorAttributes>(m, "TensorAttributes",
                                "Direct reads of torch.Tensor attributes for the steady check")
-      .def(py::init<py::tuple, py::dict>(), py::arg("exact_types"), py::arg("descriptors"))
+      .def(py::init<py::tuple, py::dict, py::object>(), py::arg("exact_types"),
+           py::arg("descriptors"), py::arg("exchange_capsule"))
       .def_property_readonly("exact_types", &TensorAttributes::exact_types,
-                             "The types read through the descriptors; others by lookup.");
+                             "The types read through the descriptors; others by lookup.")
+      .def_property_readonly("exchanges", &TensorAttributes::exchanges,
+                             "Whether tensors of the exact types are described through the "
+                             "DLPack C exchange API (NOTE: [steady check]).");
   py::class_<SteadyCheck>(m, "SteadyCheck", with_gc<SteadyCheck>(),
                           "Per-step check of a cached plan (NOTE: [steady check])")
       .def(py::init<const TensorAttributes&, py::list, py::handle, bool, py::list, py::tuple,
                     py::list>(),
            py::arg("attributes"), py::arg("params"), py::arg("dtype"), py::arg("is_complex"),
            py::arg("state_dicts"), py::arg("state_keys"), py::arg("state_tensors"))
+      .def_property_readonly("described", &SteadyCheck::described,
+                             "Whether refresh describes tensors through the DLPack exchange API.")
       .def("refresh", &SteadyCheck::refresh<AdamStepArgs>, py::arg("args"), py::arg("params"),
            "True, with args.grads set, when the cached arguments still describe `params` "
            "and each has a sound grad (NOTE: [steady check]).")

@@ -38,20 +38,25 @@ def _kernel_codes():
 KERNEL_CODES = _kernel_codes()
 
 
-def _tensor_attributes():
-    """What the steady-path check (csrc/bindings.cpp) reads on params and grads: the
-    descriptors torch.Tensor resolves these names to, and the exact tensor types that
-    resolve them the same way and may be read through them directly."""
+def _tensor_attributes(exchange=True):
+    """What the steady-path check (csrc/bindings.cpp, NOTE: [steady check]) reads on
+    params, grads and state: the descriptors torch.Tensor resolves these names to, the
+    exact tensor types that resolve them the same way and may be read through them
+    directly, and torch's DLPack C exchange table (torch >= 2.11), which describes such
+    a tensor in one C call. `exchange=False` leaves the table out (tests of the
+    attribute reads that older torch takes)."""
     if _C is None:
         return None
     names = ("grad", "dtype", "shape", "ndim", "nbytes", "data_ptr", "is_contiguous", "is_neg",
              "is_conj")
     descriptors = {name: inspect.getattr_static(torch.Tensor, name) for name in names}
+    capsule = inspect.getattr_static(torch.Tensor, "__dlpack_c_exchange_api__", None)
     exact_types = tuple(
         cls for cls in (torch.Tensor, torch.nn.Parameter)
         if all(inspect.getattr_static(cls, name) is descriptors[name] for name in names)
+        and inspect.getattr_static(cls, "__dlpack_c_exchange_api__", None) is capsule
     )
-    return _C.TensorAttributes(exact_types, descriptors)
+    return _C.TensorAttributes(exact_types, descriptors, capsule if exchange else None)
 
 
 TENSOR_ATTRIBUTES = _tensor_attributes()

@@ -1,5 +1,8 @@
 """Shared helpers: random problems, runners, and the tolerance rules used by the tests."""
+import pytest
 import torch
+
+import fusedopt
 
 # Machine epsilon (distance from 1 to the next representable number) per dtype.
 EPS = {
@@ -48,3 +51,25 @@ def max_abs_error(tensors, oracle):
     errors = [(t.double() - o.double()).abs().max().item() for t, o in zip(tensors, oracle) if t.numel()]
     return max(errors, default=0.0)
 
+
+
+@pytest.fixture(params=["exchange", "attributes"])
+def steady_reads(request, monkeypatch):
+    """Runs a test with each way the steady-path check reads tensors (NOTE: [steady
+    check] in csrc/bindings.cpp): "exchange" through torch's DLPack C exchange API,
+    "attributes" by one attribute read per fact, as on torch without that API.
+    Indirect parametrization may pass None: the test builds no steady plan."""
+    if request.param is None:
+        return None
+    attributes = fusedopt._backend._tensor_attributes(exchange=request.param == "exchange")
+    if request.param == "exchange" and not attributes.exchanges:
+        pytest.skip(f"torch {torch.__version__} has no DLPack C exchange API")
+    monkeypatch.setattr(fusedopt._backend, "TENSOR_ATTRIBUTES", attributes)
+    return request.param
+
+
+def assert_steady_plans_read(optimizer, steady_reads):
+    """Every cached steady plan of `optimizer` exists and reads tensors as `steady_reads` says."""
+    assert optimizer._steady_plans, "the last step took the steady path"
+    for plan in optimizer._steady_plans.values():
+        assert plan.check.described == (steady_reads == "exchange")

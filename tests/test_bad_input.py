@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusedopt
+from conftest import assert_steady_plans_read
 
 
 def snapshot(optimizer):
@@ -91,6 +92,16 @@ def break_state_dtype(optimizer, groups):
     optimizer.state[groups[1][0]]["exp_avg_sq"] = torch.zeros(11, dtype=torch.float64)
 
 
+def break_state_reinterpreted_in_place(optimizer, groups):
+    state = optimizer.state[groups[1][0]]
+    state["exp_avg"].data = state["exp_avg"].data.view(torch.int32)  # same address and shape
+
+
+def break_state_reshaped_in_place(optimizer, groups):
+    state = optimizer.state[groups[0][0]]
+    state["exp_avg_sq"].data = state["exp_avg_sq"].data.view(15)  # same address, (5, 3) -> (15,)
+
+
 def break_step_tensor(optimizer, groups):
     optimizer.state[groups[1][0]]["step"] = torch.zeros(2)
 
@@ -128,6 +139,10 @@ CASES = [
     (break_overlapping_param, ValueError, "param 1 of param group 1 overlaps itself"),
     (break_state_shape, ValueError, r"state 'exp_avg' of param 0 of param group 1 is torch.float32 \(3,\)"),
     (break_state_dtype, ValueError, "state 'exp_avg_sq' of param 0 of param group 1 is torch.float64"),
+    (break_state_reinterpreted_in_place, ValueError,
+     "state 'exp_avg' of param 0 of param group 1 is torch.int32"),
+    (break_state_reshaped_in_place, ValueError,
+     r"state 'exp_avg_sq' of param 0 of param group 0 is torch.float32 \(15,\)"),
     (break_step_tensor, ValueError, "state 'step' of param 0 of param group 1 must be a one-element float32 CPU tensor"),
     (break_nan_lr, ValueError, "Invalid learning rate: nan"),
     (break_negative_lr, ValueError, "Invalid learning rate: -0.001"),
@@ -137,10 +152,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["kernel", "reference"])
+# The kernel backend's good steps leave cached steady plans behind, so each breaker
+# also tests that both ways of the steady check (conftest.steady_reads) notice it.
+@pytest.mark.parametrize("backend,steady_reads",
+                         [("kernel", "exchange"), ("kernel", "attributes"), ("reference", None)],
+                         indirect=["steady_reads"])
 @pytest.mark.parametrize("breaker,error,message", CASES, ids=[c[0].__name__ for c in CASES])
-def test_refused_step_names_the_problem_and_changes_nothing(breaker, error, message, backend):
+def test_refused_step_names_the_problem_and_changes_nothing(breaker, error, message, backend,
+                                                            steady_reads):
     optimizer, groups = stepped_optimizer(backend=backend)
+    if backend == "kernel":
+        assert_steady_plans_read(optimizer, steady_reads)
     for group in groups:  # new grads for the step that will be refused
         for p in group:
             p.grad = torch.randn_like(p)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fusedopt
-from conftest import EPS, make_grads, make_params, run_steps
+from conftest import EPS, assert_steady_plans_read, make_grads, make_params, run_steps
 
 PAIRS = [
     (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
@@ -330,7 +330,7 @@ def test_non_contiguous_dense_params_and_grads_in_other_layouts_step_correctly()
     lambda params: fusedopt.AdamW(params, lr=1e-2, amsgrad=True, backend="kernel"),
     lambda params: fusedopt.SGDW(params, lr=1e-2, momentum=0.9, backend="kernel"),
 ], ids=["adamw", "sgdw"])
-def test_optimizer_in_a_reference_cycle_through_its_params_is_collected(make):
+def test_optimizer_in_a_reference_cycle_through_its_params_is_collected(make, steady_reads):
     """The cached steady plan holds params and state in C++; the garbage collector
     must still see those references, or a cycle back to the optimizer (a model's
     back-reference, a hook that steps it) would keep everything alive forever."""
@@ -341,14 +341,14 @@ def test_optimizer_in_a_reference_cycle_through_its_params_is_collected(make):
     for step in range(3):
         set_random_grads(params, step)
         optimizer.step()
-    assert optimizer._steady_plans, "the cycle runs through a cached plan"
+    assert_steady_plans_read(optimizer, steady_reads)  # the cycle runs through a cached plan
     collected = weakref.ref(optimizer)
     del optimizer, params, param
     gc.collect()
     assert collected() is None
 
 
-def test_garbage_collection_while_a_plan_is_built_is_safe():
+def test_garbage_collection_while_a_plan_is_built_is_safe(steady_reads):
     """A collection can start inside the C++ constructor of the cached plan (it reads
     attributes, which allocates); it must not look into the half-built object."""
     params = model_params()
@@ -362,31 +362,37 @@ def test_garbage_collection_while_a_plan_is_built_is_safe():
             optimizer.step()
     finally:
         gc.set_threshold(*thresholds)
-    assert optimizer._steady_plans
+    assert_steady_plans_read(optimizer, steady_reads)
 
 
-def test_lazily_conjugated_and_negated_grads_step_with_their_values():
+def test_lazily_conjugated_and_negated_grads_step_with_their_values(steady_reads):
     """`grad.conj()` and negative views carry a bit, not the values: the kernel must
-    step with the values, on the first step and on cached-plan steps alike."""
+    step with the values, on the first step and on cached-plan steps alike. The
+    one-element negative view is contiguous, so only its bit tells it apart."""
     torch.manual_seed(0)
-    ours_params = [torch.nn.Parameter(torch.randn(5, dtype=torch.complex64)), torch.nn.Parameter(torch.randn(7))]
+    ours_params = [torch.nn.Parameter(torch.randn(5, dtype=torch.complex64)),
+                   torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(1))]
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
-    ours = fusedopt.AdamW(ours_params, lr=1e-2, backend="kernel")
+    ours = [fusedopt.AdamW([p], lr=1e-2, backend="kernel") for p in ours_params]
     ref = fusedopt.AdamW(ref_params, lr=1e-2, backend="reference")
     for step in range(4):
-        complex_grad = torch.randn(5, dtype=torch.complex64)
-        real_grad = torch.randn(7, dtype=torch.complex64)
-        grads = [complex_grad.conj(), real_grad.conj().imag]  # conjugate bit, negative bit
-        assert grads[0].is_conj() and grads[1].is_neg()
+        grads = [torch.randn(5, dtype=torch.complex64).conj(),  # conjugate bit
+                 torch.randn(7, dtype=torch.complex64).conj().imag,  # negative bit, strided
+                 torch.randn(1, dtype=torch.complex64).conj().imag]  # negative bit, contiguous
+        assert grads[0].is_conj() and grads[1].is_neg() and grads[2].is_neg()
+        assert grads[2].is_contiguous()
         for p, q, g in zip(ours_params, ref_params, grads):
             p.grad, q.grad = g, g.resolve_conj().resolve_neg()
-        ours.step()
+        for optimizer in ours:
+            optimizer.step()
         ref.step()
+    for optimizer in (ours[0], ours[2]):  # the strided grad never allows a cached plan
+        assert_steady_plans_read(optimizer, steady_reads)
     for p, q in zip(ours_params, ref_params):
         assert torch.equal(p.detach(), q.detach())
 
 
-def test_param_reinterpreted_in_place_as_another_dtype_is_noticed():
+def test_param_reinterpreted_in_place_as_another_dtype_is_noticed(steady_reads):
     """`p.data = p.data.view(other dtype)` keeps the address and the shape; the cached
     plan must still notice, so the step is refused like any grad of another dtype."""
     params = [torch.nn.Parameter(p.detach().half()) for p in model_params()]
@@ -394,6 +400,7 @@ def test_param_reinterpreted_in_place_as_another_dtype_is_noticed():
     for step in range(2):
         set_random_grads(params, step)
         optimizer.step()
+    assert_steady_plans_read(optimizer, steady_reads)
     set_random_grads(params, 2)
     params[0].data = params[0].data.view(torch.bfloat16)
     with pytest.raises(ValueError, match="is torch.bfloat16 but its gradient is torch.float16"):
@@ -425,8 +432,15 @@ def test_steady_check_reads_exact_tensor_types_directly():
     assert torch.Tensor in exact and torch.nn.Parameter in exact and TaggedParameter not in exact
 
 
+def test_steady_check_describes_tensors_through_dlpack_where_torch_offers_it():
+    offered = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
+    assert fusedopt._backend.TENSOR_ATTRIBUTES.exchanges == offered
+    assert fusedopt.backend_info()["steady_check"] == (
+        "dlpack-exchange" if offered else "attribute-reads")
+
+
 @pytest.mark.parametrize("param_type", [torch.nn.Parameter, TaggedParameter])
-def test_steps_follow_swapped_param_storage_and_replaced_state(param_type):
+def test_steps_follow_swapped_param_storage_and_replaced_state(param_type, steady_reads):
     """The cached steady plan must notice `p.data = ...`, replaced state tensors and
     state moved to new memory."""
     ours_params = [param_type(p.detach()) for p in model_params()]
@@ -447,6 +461,7 @@ def test_steps_follow_swapped_param_storage_and_replaced_state(param_type):
                     tensor.data = tensor.data.clone()
         ours.step()
         ref.step()
-    assert ours._steady_plans, "the last steps took the steady path"
+    # Parameter subclasses may override what the exchange API would skip: attribute reads.
+    assert_steady_plans_read(ours, steady_reads if param_type is torch.nn.Parameter else "attributes")
     for p, q in zip(ours_params, ref_params):
         assert torch.equal(p.detach(), q.detach())
