@@ -164,7 +164,8 @@ class TensorAttributes {
 // Adam's three state tensors, plus two Python calls, the grad and its negative bit,
 // which DLPack does not report. Older torch, or params and state of other types
 // than torch.Tensor and nn.Parameter, take one attribute read per fact
-// (check_by_attributes), about three times the host time.
+// (check_by_attributes): 2,000 params with cold caches took 4.7-5.8 ms that way
+// against 2.6-3.3 ms described, interleaved in one process.
 //
 // The pass is bound by the cache misses on each param's objects (param, state
 // tensors, their TensorImpls, grad, state dict), so it prefetches them a few params
