@@ -167,11 +167,14 @@ class TensorAttributes {
 // (check_by_attributes): 2,000 params with cold caches took 4.7-5.8 ms that way
 // against 2.6-3.3 ms described, interleaved in one process.
 //
-// The pass is bound by the cache misses on each param's objects (param, state
-// tensors, their TensorImpls, grad, state dict), so it prefetches them a few params
-// ahead: TensorImpl addresses come from `Tensor._cdata` when the plan is built, and
-// the grad object is the one seen on the previous step. Prefetching never faults and
-// never decides anything; a stale address only wastes a prefetch.
+// The pass is bound by the memory system, not by its own instructions: torch's
+// objects (each tensor's PyObject, TensorImpl and StorageImpl, the grad's autograd
+// metadata) sit between the tensors' buffers on the heap, so 2,000 params spread
+// over about 8,000 distinct 4 KiB pages, more than the TLB holds, and most reads
+// take a page walk even when the check runs twice in a row. Software prefetching
+// (of every object, up to 16 params ahead) measured no gain and is not done; the
+// check's own expectations are kept in flat arrays so they add no misses of their
+// own (benchmarks/NOTES.md, v2.3).
 class SteadyCheck {
  public:
   SteadyCheck(const TensorAttributes& attributes, py::list params, py::handle dtype,
@@ -185,6 +188,7 @@ class SteadyCheck {
       throw std::invalid_argument("SteadyCheck: params, state_dicts and state_tensors differ in length");
     }
     entries_.reserve(n);
+    expected_.reserve(n * (1 + state_keys_.size()));
     described_ = attributes_.exchanges();
     for (size_t i = 0; i < n; ++i) {
       const py::handle param = params[i];
@@ -199,15 +203,12 @@ class SteadyCheck {
       entry.nbytes = param.attr("nbytes").cast<int64_t>();
       entry.state = py::reinterpret_borrow<py::object>(state_dicts[i]);
       entry.state_tensors = tensors;
+      expect(param);
       for (const py::handle tensor : tensors) {
-        entry.state_addresses.push_back(tensor.attr("data_ptr")().cast<uintptr_t>());
-        entry.state_impls.push_back(implementation_address(tensor));
         entry.state_dtypes.push_back(tensor.attr("dtype"));
         entry.state_shapes.push_back(tensor.attr("shape"));
-        if (described_) described_ = record_layout(tensor.ptr(), &entry.state_layouts);
+        expect(tensor);
       }
-      entry.param_impl = implementation_address(param);
-      if (described_) described_ = record_layout(param.ptr(), &entry.param_layout);
       entries_.push_back(std::move(entry));
     }
   }
@@ -233,7 +234,11 @@ class SteadyCheck {
   }
 
   // Drops every reference; a cleared check answers no, so the plan is rebuilt.
-  void clear() { entries_.clear(); }
+  void clear() {
+    entries_.clear();
+    expected_.clear();  // borrowed from the entries
+    shapes_.clear();
+  }
 
   template <typename Args>
   bool refresh(Args& args, py::list params) {
@@ -243,13 +248,14 @@ class SteadyCheck {
     }
     args.grads.resize(static_cast<size_t>(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
-      if (i + kPrefetchDistance < n) prefetch(entries_[static_cast<size_t>(i + kPrefetchDistance)]);
       Entry& entry = entries_[static_cast<size_t>(i)];
+      const Expected* const expected = expected_of(static_cast<size_t>(i));
       PyObject* const param = PyList_GET_ITEM(params.ptr(), i);
       uintptr_t grad_address = 0;
-      const bool sound = param == entry.param.ptr() &&
-                         (described_ ? check_described(entry, param, args.params[i], &grad_address)
-                                     : check_by_attributes(entry, param, args.params[i], &grad_address));
+      const bool sound =
+          param == entry.param.ptr() &&
+          (described_ ? check_described(entry, expected, param, args.params[i], &grad_address)
+                      : check_by_attributes(entry, expected, param, args.params[i], &grad_address));
       if (!sound) {
         PyErr_Clear();
         return false;
@@ -260,13 +266,7 @@ class SteadyCheck {
   }
 
  private:
-  // What the exchange API reports for a tensor as planned, apart from its address.
-  struct Layout {
-    fusedopt::dlpack::Device device{};
-    fusedopt::dlpack::DataType dtype{};
-    std::vector<int64_t> shape;
-  };
-
+  // One param's references, and what the attribute reads compare with.
   struct Entry {
     py::object param;
     py::object shape;  // torch.Size
@@ -274,42 +274,62 @@ class SteadyCheck {
     int64_t nbytes = 0;
     py::object state;  // the param's state dict
     py::tuple state_tensors;  // the tensors expected under state_keys_, in order
-    std::vector<uintptr_t> state_addresses;  // their data pointers
-    std::vector<uintptr_t> state_impls;      // and their TensorImpl addresses, for prefetching
-    std::vector<py::object> state_dtypes;    // and their dtypes and shapes (torch.Size)
+    std::vector<py::object> state_dtypes;  // and their dtypes and shapes (torch.Size)
     std::vector<py::object> state_shapes;
-    uintptr_t param_impl = 0;
-    const void* last_grad = nullptr;
-    Layout param_layout;                     // when described_
-    std::vector<Layout> state_layouts;       // when described_, in state_keys_ order
   };
 
-  static constexpr Py_ssize_t kPrefetchDistance = 4;
+  // What the plan expects of one tensor. These sit in one flat array, a param
+  // followed by its state tensors in state_keys_ order, with all shapes in another,
+  // so the check reads its own expectations in order: scattered small allocations
+  // (a vector per shape) cost cache misses of their own on top of those on torch's
+  // objects. Device, dtype, ndim and shape are filled when described_.
+  struct Expected {
+    PyObject* object = nullptr;  // borrowed: its Entry owns it
+    uintptr_t address = 0;       // data pointer (a param's is checked against the kernel's argument)
+    fusedopt::dlpack::Device device{};
+    fusedopt::dlpack::DataType dtype{};
+    int32_t ndim = 0;
+    size_t shape_at = 0;  // where its shape starts in shapes_
+  };
+
+  // Appends what `tensor` is now; a tensor the exchange API cannot describe as
+  // contiguous turns described_ off for the whole check.
+  void expect(py::handle tensor) {
+    Expected expected;
+    expected.object = tensor.ptr();
+    expected.address = tensor.attr("data_ptr")().cast<uintptr_t>();
+    expected.shape_at = shapes_.size();
+    if (described_) described_ = record_layout(tensor.ptr(), &expected);
+    expected_.push_back(expected);
+  }
+
+  // Param i's expectations: [0] the param, [1 + k] its state tensor under key k.
+  const Expected* expected_of(size_t i) const {
+    return expected_.data() + i * (1 + static_cast<size_t>(PyTuple_GET_SIZE(state_keys_.ptr())));
+  }
 
   // One param through the exchange API: its state tensors, the param, its grad.
-  bool check_described(Entry& entry, PyObject* param, uintptr_t param_address,
-                       uintptr_t* grad_address) {
+  bool check_described(Entry& entry, const Expected* expected, PyObject* param,
+                       uintptr_t param_address, uintptr_t* grad_address) {
     using A = TensorAttributes;
     fusedopt::dlpack::Tensor described{};
     const Py_ssize_t num_keys = PyTuple_GET_SIZE(state_keys_.ptr());
     for (Py_ssize_t k = 0; k < num_keys; ++k) {
-      PyObject* const tensor = expected_state_tensor(entry, k);
-      if (tensor == nullptr || !attributes_.describe(tensor, &described) ||
-          !has_layout(described, entry.state_layouts[static_cast<size_t>(k)]) ||
-          address_of(described) != entry.state_addresses[static_cast<size_t>(k)]) {
+      const Expected& state = expected[1 + k];
+      if (!holds(entry, k, state.object) || !attributes_.describe(state.object, &described) ||
+          !has_layout(described, state) || address_of(described) != state.address) {
         return false;
       }
     }
-    if (!attributes_.describe(param, &described) || !has_layout(described, entry.param_layout) ||
+    if (!attributes_.describe(param, &described) || !has_layout(described, expected[0]) ||
         address_of(described) != param_address || (is_complex_ && !is_false(param, A::kIsConj))) {
       return false;
     }
     const Owned grad(attributes_.get(param, A::kGrad));
     if (grad.object == nullptr || grad.object == Py_None) return false;
-    entry.last_grad = grad.object;  // an address to prefetch next step, never dereferenced
     // Sparse and other non-strided grads have no description and fail here.
     if (!attributes_.describe(grad.object, &described) ||
-        !has_layout(described, entry.param_layout) || !is_false(grad.object, A::kIsNeg) ||
+        !has_layout(described, expected[0]) || !is_false(grad.object, A::kIsNeg) ||
         (is_complex_ && !is_false(grad.object, A::kIsConj))) {
       return false;
     }
@@ -318,15 +338,15 @@ class SteadyCheck {
   }
 
   // The same questions, one attribute read per fact.
-  bool check_by_attributes(Entry& entry, PyObject* param, uintptr_t param_address,
-                           uintptr_t* grad_address) {
+  bool check_by_attributes(Entry& entry, const Expected* expected, PyObject* param,
+                           uintptr_t param_address, uintptr_t* grad_address) {
     using A = TensorAttributes;
     const Py_ssize_t num_keys = PyTuple_GET_SIZE(state_keys_.ptr());
     for (Py_ssize_t k = 0; k < num_keys; ++k) {
       const size_t at = static_cast<size_t>(k);
-      PyObject* const tensor = expected_state_tensor(entry, k);
-      if (tensor == nullptr || !has_address(tensor, entry.state_addresses[at]) ||
-          !is_contiguous_as(tensor, entry.state_dtypes[at], entry.state_shapes[at])) {
+      const Expected& state = expected[1 + k];
+      if (!holds(entry, k, state.object) || !has_address(state.object, state.address) ||
+          !is_contiguous_as(state.object, entry.state_dtypes[at], entry.state_shapes[at])) {
         return false;
       }
     }
@@ -337,7 +357,6 @@ class SteadyCheck {
     }
     const Owned grad(attributes_.get(param, A::kGrad));
     if (grad.object == nullptr || grad.object == Py_None) return false;
-    entry.last_grad = grad.object;  // an address to prefetch next step, never dereferenced
     // Non-strided grads (sparse, mkldnn) fail here: they have no data pointer.
     if (!is_plain_dense(grad.object, entry, /*check_negative=*/true)) return false;
     const Owned address(attributes_.call(grad.object, A::kDataPtr));
@@ -346,27 +365,21 @@ class SteadyCheck {
     return PyErr_Occurred() == nullptr;
   }
 
-  // The state tensor under key k if it is still the planned object (a borrowed
-  // reference), else null.
-  PyObject* expected_state_tensor(const Entry& entry, Py_ssize_t k) const {
-    PyObject* const tensor =
-        PyDict_GetItemWithError(entry.state.ptr(), PyTuple_GET_ITEM(state_keys_.ptr(), k));
-    return tensor == PyTuple_GET_ITEM(entry.state_tensors.ptr(), k) ? tensor : nullptr;
+  // Whether the param's state dict still holds `planned` under key k.
+  bool holds(const Entry& entry, Py_ssize_t k, PyObject* planned) const {
+    return PyDict_GetItemWithError(entry.state.ptr(), PyTuple_GET_ITEM(state_keys_.ptr(), k)) ==
+           planned;
   }
 
-  // Appends (or, for a single Layout, writes) the described layout of a plain
-  // contiguous tensor; false where it cannot be described or is not contiguous.
-  bool record_layout(PyObject* tensor, std::vector<Layout>* layouts) const {
-    layouts->emplace_back();
-    return record_layout(tensor, &layouts->back());
-  }
-
-  bool record_layout(PyObject* tensor, Layout* layout) const {
+  // Records the described layout of a plain contiguous tensor; false where it
+  // cannot be described or is not contiguous.
+  bool record_layout(PyObject* tensor, Expected* expected) {
     fusedopt::dlpack::Tensor described{};
     if (!attributes_.describe(tensor, &described) || !is_row_major(described)) return false;
-    layout->device = described.device;
-    layout->dtype = described.dtype;
-    layout->shape.assign(described.shape, described.shape + described.ndim);
+    expected->device = described.device;
+    expected->dtype = described.dtype;
+    expected->ndim = described.ndim;
+    shapes_.insert(shapes_.end(), described.shape, described.shape + described.ndim);
     return true;
   }
 
@@ -375,16 +388,16 @@ class SteadyCheck {
   }
 
   // Whether a described tensor is contiguous with the planned device, dtype and shape.
-  static bool has_layout(const fusedopt::dlpack::Tensor& described, const Layout& layout) {
-    if (described.device.device_type != layout.device.device_type ||
-        described.device.device_id != layout.device.device_id ||
-        described.dtype.code != layout.dtype.code || described.dtype.bits != layout.dtype.bits ||
-        described.dtype.lanes != layout.dtype.lanes ||
-        static_cast<size_t>(described.ndim) != layout.shape.size()) {
+  bool has_layout(const fusedopt::dlpack::Tensor& described, const Expected& expected) const {
+    if (described.device.device_type != expected.device.device_type ||
+        described.device.device_id != expected.device.device_id ||
+        described.dtype.code != expected.dtype.code || described.dtype.bits != expected.dtype.bits ||
+        described.dtype.lanes != expected.dtype.lanes || described.ndim != expected.ndim) {
       return false;
     }
+    const int64_t* const shape = shapes_.data() + expected.shape_at;
     for (int32_t d = 0; d < described.ndim; ++d) {
-      if (described.shape[d] != layout.shape[static_cast<size_t>(d)]) return false;
+      if (described.shape[d] != shape[d]) return false;
     }
     return is_row_major(described);
   }
@@ -461,35 +474,13 @@ class SteadyCheck {
     return nbytes.object != nullptr && PyLong_AsLongLong(nbytes.object) == entry.nbytes;
   }
 
-  // The address of a tensor's C++ TensorImpl (`Tensor._cdata`), only ever prefetched;
-  // 0 where the attribute is missing.
-  static uintptr_t implementation_address(py::handle tensor) {
-    return py::hasattr(tensor, "_cdata") ? tensor.attr("_cdata").cast<uintptr_t>() : 0;
-  }
-
-  static void prefetch_implementation(uintptr_t address) {
-    if (address == 0) return;
-    const char* impl = reinterpret_cast<const char*>(address);
-    for (int line = 0; line < 4; ++line) __builtin_prefetch(impl + 64 * line);
-  }
-
-  static void prefetch(const Entry& entry) {
-    __builtin_prefetch(entry.param.ptr());
-    __builtin_prefetch(entry.state.ptr());
-    prefetch_implementation(entry.param_impl);
-    const Py_ssize_t num_tensors = PyTuple_GET_SIZE(entry.state_tensors.ptr());
-    for (Py_ssize_t k = 0; k < num_tensors; ++k) {
-      __builtin_prefetch(PyTuple_GET_ITEM(entry.state_tensors.ptr(), k));
-      prefetch_implementation(entry.state_impls[static_cast<size_t>(k)]);
-    }
-    if (entry.last_grad != nullptr) __builtin_prefetch(entry.last_grad);
-  }
-
   TensorAttributes attributes_;
   py::object dtype_;
   bool is_complex_;  // complex params and grads must not be lazily conjugated either
   py::tuple state_keys_;
   std::vector<Entry> entries_;
+  std::vector<Expected> expected_;  // 1 + state keys per param, see expected_of
+  std::vector<int64_t> shapes_;      // Expected::shape_at points here
   bool described_ = false;  // refresh uses check_described, else check_by_attributes
 };
 
