@@ -170,8 +170,8 @@ class TensorAttributes {
 // The pass is bound by the memory system, not by its own instructions: torch's
 // objects (each tensor's PyObject, TensorImpl and StorageImpl, the grad's autograd
 // metadata) sit between the tensors' buffers on the heap, so 2,000 params spread
-// over about 8,000 distinct 4 KiB pages, more than the TLB holds, and most reads
-// take a page walk even when the check runs twice in a row. Software prefetching
+// over about 8,000 distinct 4 KiB pages, more than the TLB holds, and its reads
+// stall on misses even when the check runs twice in a row. Software prefetching
 // (of every object, up to 16 params ahead) measured no gain and is not done; the
 // check's own expectations are kept in flat arrays so they add no misses of their
 // own (benchmarks/NOTES.md, v2.3).
