@@ -167,14 +167,16 @@ class TensorAttributes {
 // (check_by_attributes): 2,000 params with cold caches took 4.7-5.8 ms that way
 // against 2.6-3.3 ms described, interleaved in one process.
 //
-// The pass is bound by the memory system, not by its own instructions: torch's
-// objects (each tensor's PyObject, TensorImpl and StorageImpl, the grad's autograd
-// metadata) sit between the tensors' buffers on the heap, so 2,000 params spread
-// over about 8,000 distinct 4 KiB pages, more than the TLB holds, and its reads
-// stall on misses even when the check runs twice in a row. Software prefetching
-// (of every object, up to 16 params ahead) measured no gain and is not done; the
-// check's own expectations are kept in flat arrays so they add no misses of their
-// own (benchmarks/NOTES.md, v2.3).
+// The pass is bound by the memory system, not by its own instructions: torch puts
+// each tensor's TensorImpl and StorageImpl next to its buffer on the heap, so with
+// state made one tensor at a time 2,000 params spread over about 8,000 distinct
+// 4 KiB pages, more than the TLB holds, and its reads stall on misses even when the
+// check runs twice in a row. fusedopt therefore makes a group's state tensors all
+// empty before giving any its memory (fusedopt/_optimizer.py, tensors_like), which
+// halves the pages; the params' and grads' objects stay where torch put them.
+// Software prefetching (of every object, up to 16 params ahead) measured no gain and
+// is not done; the check's own expectations are kept in flat arrays so they add no
+// misses of their own (benchmarks/NOTES.md, v2.3 and v2.4).
 class SteadyCheck {
  public:
   SteadyCheck(const TensorAttributes& attributes, py::list params, py::handle dtype,

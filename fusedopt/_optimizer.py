@@ -52,9 +52,9 @@ class FusedOptimizer(Optimizer):
         """The group's hyperparameters as validated Python values."""
         raise NotImplementedError
 
-    def _init_state(self, param, state, group):
-        """Creates the missing entries of `state` for `param` (SGDW creates its buffer
-        in the step itself, filled from the first gradient)."""
+    def _init_states(self, batch):
+        """Creates the missing state entries of the batch's params (SGDW creates its
+        buffers in the step itself, filled from the first gradient)."""
 
     def _kernel_args(self, batch):
         """The compiled-call argument objects (one or more) that step `batch`."""
@@ -104,7 +104,7 @@ class FusedOptimizer(Optimizer):
                 for index, param in enumerate(batch.params):
                     if batch.states[index] is None:
                         batch.states[index] = self.state[param]
-                    self._init_state(param, batch.states[index], batch.group)
+                self._init_states(batch)
                 if batch.use_kernel:
                     for args in self._kernel_args(batch):
                         _backend.launch(self._kernel_name, args, batch.params[0].device)
@@ -260,6 +260,29 @@ class FusedOptimizer(Optimizer):
             tensor = state.get(key)
             if isinstance(tensor, torch.Tensor) and not _backend.same_layout(tensor, param):
                 state[key] = torch.empty_like(param).copy_(tensor)
+
+
+def tensors_like(params, zeroed):
+    """New tensors shaped and laid out like `params`, zero-filled when `zeroed`.
+
+    torch allocates a tensor's bookkeeping objects on the heap right next to its
+    data, so state made one tensor at a time scatters them over a page per tensor.
+    Every tensor here is made empty before any gets its memory, which keeps the
+    bookkeeping of a whole group on few pages: the steady check reads it every step
+    (NOTE: [steady check] in csrc/bindings.cpp).
+    """
+    shells = [
+        torch.empty(0, dtype=param.dtype, device=param.device) if param.is_contiguous() else None
+        for param in params
+    ]
+    tensors = []
+    for param, shell in zip(params, shells):
+        if shell is None:
+            tensor = torch.empty_like(param, memory_format=torch.preserve_format)
+        else:
+            tensor = shell.resize_(param.shape)
+        tensors.append(tensor.zero_() if zeroed else tensor)
+    return tensors
 
 
 class SteadyPlan:

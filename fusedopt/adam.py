@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from fusedopt import _backend, reference
+from fusedopt import _backend, _optimizer, reference
 from fusedopt._optimizer import FusedOptimizer
 
 __all__ = ["Adam", "AdamW"]
@@ -111,13 +111,22 @@ class Adam(FusedOptimizer):
             maximize=bool(group["maximize"]),
         )
 
-    def _init_state(self, param, state, group):
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    def _init_states(self, batch):
+        amsgrad = batch.group["amsgrad"]
+        moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        missing = []  # (state, key, param), in the order torch.optim.Adam creates them
+        for param, state in zip(batch.params, batch.states):
+            if "step" not in state:
+                missing += [(state, key, param) for key in moments]
+            elif amsgrad and "max_exp_avg_sq" not in state:
+                missing.append((state, "max_exp_avg_sq", param))
+        fresh = [state for state in batch.states if "step" not in state]
+        steps = [torch.tensor(0.0, dtype=torch.float32) for _ in fresh]
+        tensors = _optimizer.tensors_like([param for _, _, param in missing], zeroed=True)
+        for state, step in zip(fresh, steps):
+            state["step"] = step
+        for (state, key, _), tensor in zip(missing, tensors):
+            state[key] = tensor
 
     def _kernel_args(self, batch):
         args = _backend._C.AdamStepArgs()

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from fusedopt import _backend, reference
+from fusedopt import _backend, _optimizer, reference
 from fusedopt._optimizer import FusedOptimizer
 
 __all__ = ["SGDW"]
@@ -91,10 +91,9 @@ class SGDW(FusedOptimizer):
             return [self._make_args(batch.params, batch.grads, [], h, "none")]
         running = [i for i, s in enumerate(batch.states) if s.get("momentum_buffer") is not None]
         first = [i for i, s in enumerate(batch.states) if s.get("momentum_buffer") is None]
-        for index in first:
-            batch.states[index]["momentum_buffer"] = torch.empty_like(
-                batch.params[index], memory_format=torch.preserve_format
-            )
+        buffers = _optimizer.tensors_like([batch.params[i] for i in first], zeroed=False)
+        for index, buffer in zip(first, buffers):
+            batch.states[index]["momentum_buffer"] = buffer
         return [
             self._make_args(
                 [batch.params[i] for i in indices],

@@ -196,7 +196,7 @@ import torch, fusedopt
 p = torch.nn.Parameter(torch.randn(3))
 p.grad = torch.randn(3)
 adam = fusedopt.Adam([p], lr=0.1)
-adam._init_state(p, adam.state[p], adam.param_groups[0])  # state exists before the refused step
+adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros(3), exp_avg_sq=torch.zeros(3))
 before = p.detach().clone()
 try:
     adam.step()

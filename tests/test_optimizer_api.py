@@ -326,6 +326,32 @@ def test_non_contiguous_dense_params_and_grads_in_other_layouts_step_correctly()
     assert torch.equal(transposed.detach(), plain.detach())
 
 
+@pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=PAIR_IDS)
+def test_new_state_tensors_are_laid_out_like_torchs_and_own_their_memory(ours, theirs, kwargs):
+    """State is made empty first and given memory afterwards (fusedopt._optimizer.
+    tensors_like); each tensor must still have torch.optim's keys, dtypes and shapes,
+    the param's memory layout (column-major here; torch.optim.SGD's buffer copies the
+    grad's instead), and a storage of its own that torch.save writes alone."""
+    def params():
+        torch.manual_seed(3)
+        return [torch.nn.Parameter(torch.randn(6, 10).t()), torch.nn.Parameter(torch.randn(7, 3))]
+
+    a, b = params(), params()
+    set_random_grads(a, seed=4)
+    set_random_grads(b, seed=4)
+    mine, reference = ours(a, backend="kernel", **kwargs), theirs(b, **kwargs)
+    mine.step()
+    reference.step()
+    for p, q in zip(a, b):
+        assert mine.state[p].keys() == reference.state[q].keys()
+        for key, tensor in mine.state[p].items():
+            expected = reference.state[q][key]
+            assert (tensor.dtype, tensor.shape) == (expected.dtype, expected.shape), key
+            if tensor.dim() > 0:
+                assert tensor.stride() == p.stride(), key
+            assert tensor.untyped_storage().nbytes() == tensor.nbytes, key
+            assert tensor.untyped_storage().data_ptr() != p.untyped_storage().data_ptr(), key
+
 @pytest.mark.parametrize("make", [
     lambda params: fusedopt.AdamW(params, lr=1e-2, amsgrad=True, backend="kernel"),
     lambda params: fusedopt.SGDW(params, lr=1e-2, momentum=0.9, backend="kernel"),
