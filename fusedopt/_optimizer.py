@@ -38,10 +38,22 @@ class FusedOptimizer(Optimizer):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
         self.backend = backend
+        self._start_caches()
+        super().__init__(params, defaults)
+
+    def _start_caches(self):
+        """What the optimizer learns while stepping; none of it is saved or copied."""
         self._warned = set()
         self._steady_plans = {}  # id(group) -> SteadyPlan
         self._state_snapshot = ([], [])  # self.state's keys and values after the last step
-        super().__init__(params, defaults)
+
+    # torch.optim pickles (and deep-copies) only defaults, state and param groups.
+    def __getstate__(self):
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._start_caches()
 
     # -- what subclasses provide ------------------------------------------------
     def _state_keys(self, group):

@@ -2,6 +2,7 @@
 directions, param groups, closures, schedulers, GradScaler, backend selection."""
 import copy
 import gc
+import pickle
 import warnings
 import weakref
 
@@ -112,6 +113,31 @@ def test_resuming_from_a_checkpoint_continues_the_same_trajectory(ours, theirs, 
     atol = trajectory_atol(saved_params, 6, grad_bound)
     for a, b in zip(resumed_params, stayed):
         torch.testing.assert_close(a.detach(), b, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("duplicate", ["deepcopy", "pickle"])
+def test_a_copied_or_pickled_optimizer_steps_on_like_the_original(ours, theirs, kwargs, duplicate):
+    """torch.optim pickles only defaults, state and param groups; the copy must keep
+    its backend and rebuild what it caches (steady plans) instead of failing."""
+    params = model_params()
+    original = ours(params, backend="kernel", **kwargs)
+    for step in range(3):
+        set_random_grads(params, step)
+        original.step()
+    if duplicate == "deepcopy":
+        copied = copy.deepcopy(original)
+    else:
+        copied = pickle.loads(pickle.dumps(original))
+    copied_params = copied.param_groups[0]["params"]
+    assert copied.backend == "kernel"
+    for step in range(3, 6):
+        set_random_grads(params, step)
+        set_random_grads(copied_params, step)
+        original.step()
+        copied.step()
+    for a, b in zip(copied_params, params):  # the same kernels on the same numbers
+        assert torch.equal(a.detach(), b.detach())
 
 
 def test_fused_torch_checkpoint_with_device_steps_loads_with_host_steps():
