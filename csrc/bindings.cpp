@@ -173,7 +173,8 @@ class TensorAttributes {
 // 4 KiB pages, more than the TLB holds, and its reads stall on misses even when the
 // check runs twice in a row. fusedopt therefore makes a group's state tensors all
 // empty before giving any its memory (fusedopt/_optimizer.py, tensors_like), which
-// halves the pages; the params' and grads' objects stay where torch put them.
+// brings those pages down to about 4,500; the params' and grads' objects stay where
+// torch put them.
 // Software prefetching (of every object, up to 16 params ahead) measured no gain and
 // is not done; the check's own expectations are kept in flat arrays so they add no
 // misses of their own (benchmarks/NOTES.md, v2.3 and v2.4).
