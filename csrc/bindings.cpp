@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -152,7 +154,8 @@ class TensorAttributes {
 // the cached call arguments still describe the group: the same param objects, still
 // contiguous tensors of the planned dtype and shape at the planned addresses; the
 // same state tensors in their state dicts, still contiguous tensors of their planned
-// dtype and shape at their addresses; and behind each param a contiguous grad of the
+// dtype and shape at their addresses, with step counters that are whole numbers >= 0;
+// and behind each param a contiguous grad of the
 // planned dtype, shape and device, without lazy negation or conjugation. With
 // thousands of tensors these reads are most of a step's host time, so this class does
 // them in one pass and writes the grads' addresses straight into the argument object.
@@ -192,6 +195,9 @@ class SteadyCheck {
     }
     entries_.reserve(n);
     expected_.reserve(n * (1 + state_keys_.size()));
+    for (size_t k = 0; k < state_keys_.size(); ++k) {
+      if (state_keys_[k].cast<std::string>() == "step") step_key_ = static_cast<Py_ssize_t>(k);
+    }
     described_ = attributes_.exchanges();
     for (size_t i = 0; i < n; ++i) {
       const py::handle param = params[i];
@@ -320,7 +326,8 @@ class SteadyCheck {
     for (Py_ssize_t k = 0; k < num_keys; ++k) {
       const Expected& state = expected[1 + k];
       if (!holds(entry, k, state.object) || !attributes_.describe(state.object, &described) ||
-          !has_layout(described, state) || address_of(described) != state.address) {
+          !has_layout(described, state) || address_of(described) != state.address ||
+          (k == step_key_ && !is_step_count(state.address))) {
         return false;
       }
     }
@@ -349,7 +356,8 @@ class SteadyCheck {
       const size_t at = static_cast<size_t>(k);
       const Expected& state = expected[1 + k];
       if (!holds(entry, k, state.object) || !has_address(state.object, state.address) ||
-          !is_contiguous_as(state.object, entry.state_dtypes[at], entry.state_shapes[at])) {
+          !is_contiguous_as(state.object, entry.state_dtypes[at], entry.state_shapes[at]) ||
+          (k == step_key_ && !is_step_count(state.address))) {
         return false;
       }
     }
@@ -366,6 +374,16 @@ class SteadyCheck {
     if (address.object == nullptr) return false;
     *grad_address = PyLong_AsUnsignedLongLong(address.object);
     return PyErr_Occurred() == nullptr;
+  }
+
+  // Whether the float32 step counter at `address` (checked to be the planned
+  // tensor's) is a whole number >= 0: one set in place to anything else (say -1, a
+  // bias correction of zero on the next step) sends the step to the full planning,
+  // which refuses it and names the param.
+  static bool is_step_count(uintptr_t address) {
+    float step;
+    std::memcpy(&step, reinterpret_cast<const void*>(address), sizeof(step));
+    return step >= 0.0f && std::isfinite(step) && std::floor(step) == step;
   }
 
   // Whether the param's state dict still holds `planned` under key k.
@@ -485,6 +503,7 @@ class SteadyCheck {
   std::vector<Expected> expected_;  // 1 + state keys per param, see expected_of
   std::vector<int64_t> shapes_;      // Expected::shape_at points here
   bool described_ = false;  // refresh uses check_described, else check_by_attributes
+  Py_ssize_t step_key_ = -1;  // where "step" is in state_keys_, or -1
 };
 
 // Makes a bound class that owns Python references visible to the garbage collector:

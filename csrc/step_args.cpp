@@ -64,14 +64,26 @@ void check_lists(const SgdwStepArgs& args) {
 }
 
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {
-  std::vector<AdamScalars> scalars(args.numels.size());
+  // Every counter is read and checked before any is written, so a refused call
+  // changes nothing. A counter changed in place to a negative or fractional value
+  // would otherwise reach a bias correction of zero (step -1) and turn params into NaN.
+  std::vector<float> steps(args.numels.size());
+  for (size_t t = 0; t < steps.size(); ++t) {
+    float step;
+    std::memcpy(&step, reinterpret_cast<const void*>(args.steps[t]), sizeof(step));
+    if (!(step >= 0.0f && std::isfinite(step) && std::floor(step) == step)) {
+      throw std::invalid_argument("state 'step' of tensor " + std::to_string(t) +
+                                  " of this step is " + std::to_string(step) +
+                                  "; a step count is a whole number >= 0");
+    }
+    steps[t] = step;
+  }
+  std::vector<AdamScalars> scalars(steps.size());
   // Tensors of a group almost always share their step count: derive once per run.
   float previous_step = -1.0f;
   AdamScalars previous{};
   for (size_t t = 0; t < scalars.size(); ++t) {
-    float step;
-    std::memcpy(&step, reinterpret_cast<const void*>(args.steps[t]), sizeof(step));
-    step += 1.0f;  // fp32 increment, as torch.optim does on its fp32 step tensor
+    const float step = steps[t] + 1.0f;  // fp32 increment, as torch.optim does on its fp32 step tensor
     std::memcpy(reinterpret_cast<void*>(args.steps[t]), &step, sizeof(step));
     if (step != previous_step) {
       previous = adam_scalars(args, static_cast<double>(step));

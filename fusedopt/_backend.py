@@ -9,6 +9,7 @@ import inspect
 import math
 
 import torch
+from torch.autograd.graph import increment_version
 
 try:
     from fusedopt import _C
@@ -136,7 +137,8 @@ def check_param(param, where):
 
 
 def check_state(param, tensor, key, where):
-    """Raises if the state tensor `key` does not match `param` element for element."""
+    """Raises if the state tensor `key` does not match `param` element for element (its
+    memory layout may differ: the kernel path copies it into the param's first)."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"state '{key}' of {where} is {type(tensor).__name__}, not a tensor")
     if tensor.shape != param.shape or tensor.dtype != param.dtype or tensor.device != param.device:
@@ -144,11 +146,8 @@ def check_state(param, tensor, key, where):
             f"state '{key}' of {where} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; "
             f"the param is {param.dtype} {tuple(param.shape)} on {param.device}"
         )
-    if not same_layout(tensor, param):
-        raise ValueError(
-            f"state '{key}' of {where} has strides {tensor.stride()}, unlike the param's "
-            f"{param.stride()}"
-        )
+    if tensor.layout != torch.strided:
+        raise ValueError(f"state '{key}' of {where} is {tensor.layout}; fusedopt keeps dense state")
 
 
 def check_step(step, where):
@@ -161,6 +160,31 @@ def check_step(step, where):
         raise ValueError(
             f"state 'step' of {where} must be a one-element float32 CPU tensor, got {step!r}"
         )
+    value = step.item()
+    if not (0 <= value < math.inf and value == int(value)):
+        raise ValueError(f"state 'step' of {where} is {value}; a step count is a whole number >= 0")
+
+
+def _increment_versions_at_once():
+    """Whether this torch's increment_version takes a list (one C++ call for all)."""
+    try:
+        increment_version([])
+    except TypeError:
+        return False
+    return True
+
+
+def mark_written(tensors):
+    """Bumps the version counters of tensors a kernel changed in place, as torch's own
+    in-place ops do, so autograd refuses a backward through values saved before the step."""
+    if INCREMENT_VERSIONS_AT_ONCE:
+        increment_version(tensors)
+    else:
+        for tensor in tensors:
+            increment_version(tensor)
+
+
+INCREMENT_VERSIONS_AT_ONCE = _increment_versions_at_once()
 
 
 def check_lr(lr):

@@ -2,6 +2,7 @@
 and checkpoint loading that refuses bad input before changing anything."""
 import operator
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -15,7 +16,7 @@ BACKENDS = ("auto", "kernel", "reference")
 class Batch:
     """Params of one group that share a device and dtype, with their grads and states."""
 
-    __slots__ = ("group", "hyper", "use_kernel", "params", "grads", "states")
+    __slots__ = ("group", "hyper", "use_kernel", "params", "grads", "states", "relayouts")
 
     def __init__(self, group, hyper, use_kernel):
         self.group = group
@@ -24,6 +25,7 @@ class Batch:
         self.params = []
         self.grads = []
         self.states = []
+        self.relayouts = []  # (state, key, param): state the kernel needs in the param's layout
 
 
 class FusedOptimizer(Optimizer):
@@ -77,6 +79,14 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     _kernel_name = None  # the compiled entry point: "adam_step" or "sgdw_step"
+    _required_state_keys = ()  # what a non-empty state must hold
+    _nullable_state_keys = ()  # state keys that torch.optim may hold as None
+
+    def _written_tensors(self, batch):
+        """The tensors a kernel call on `batch` changes in place."""
+        keys = self._state_keys(batch.group) + ("step",)
+        return batch.params + [state[key] for state in batch.states for key in keys
+                               if state.get(key) is not None]
 
     def _reference_step(self, batch):
         raise NotImplementedError
@@ -110,16 +120,20 @@ class FusedOptimizer(Optimizer):
             if isinstance(batches, tuple):
                 steady, hyper = batches
                 _backend.launch(self._kernel_name, steady.refresh(self, hyper), steady.device)
+                _backend.mark_written(steady.written)
                 continue
             self._steady_plans.pop(id(group), None)
             for batch in batches:
                 for index, param in enumerate(batch.params):
                     if batch.states[index] is None:
                         batch.states[index] = self.state[param]
+                for state, key, param in batch.relayouts:
+                    state[key] = torch.empty_like(param).copy_(state[key])
                 self._init_states(batch)
                 if batch.use_kernel:
                     for args in self._kernel_args(batch):
                         _backend.launch(self._kernel_name, args, batch.params[0].device)
+                    _backend.mark_written(self._written_tensors(batch))
                 else:
                     self._reference_step(batch)
             if len(batches) == 1 and batch.use_kernel:
@@ -164,17 +178,20 @@ class FusedOptimizer(Optimizer):
                 _backend.check_param(param, _backend.describe_param(group_index, param_index))
             state = self.state.get(param)  # .get: planning adds no entries
             if state:
-                self._check_existing_state(param, state, state_keys, batch.use_kernel,
-                                           group_index, param_index)
+                self._check_existing_state(param, state, state_keys, group_index, param_index)
+                if batch.use_kernel:  # e.g. model.to(memory_format=...) after state existed
+                    batch.relayouts += [(state, key, param) for key in state_keys
+                                        if state.get(key) is not None
+                                        and not _backend.same_layout(state[key], param)]
             if grad.is_conj() or grad.is_neg():
                 grad = grad.resolve_conj().resolve_neg()  # a copy that holds the values
+            if param.is_conj() or param.is_neg():
+                raise ValueError(
+                    f"{_backend.describe_param(group_index, param_index)} is a lazily "
+                    "conjugated or negated view; fusedopt steps plain memory, so give it "
+                    "resolved data (p.data = p.data.resolve_conj().resolve_neg())"
+                )
             if batch.use_kernel:
-                if param.is_conj() or param.is_neg():
-                    raise ValueError(
-                        f"{_backend.describe_param(group_index, param_index)} is a lazily "
-                        "conjugated or negated view; the kernels step plain memory, so give it "
-                        "resolved data (p.data = p.data.resolve_conj().resolve_neg())"
-                    )
                 if not _backend.same_layout(grad, param):
                     grad = torch.empty_like(param).copy_(grad)  # the kernel walks both in one order
             batch.params.append(param)
@@ -182,8 +199,14 @@ class FusedOptimizer(Optimizer):
             batch.states.append(state)
         return list(batches.values())
 
-    def _check_existing_state(self, param, state, state_keys, use_kernel, group_index, param_index):
+    def _check_existing_state(self, param, state, state_keys, group_index, param_index):
         where = _backend.describe_param(group_index, param_index)
+        for key in self._required_state_keys:
+            if key not in state:
+                raise ValueError(
+                    f"the state of {where} has {sorted(state)} but no '{key}'; a param's state "
+                    "is either empty (a first step) or complete"
+                )
         for key in state_keys:
             tensor = state.get(key)
             if tensor is not None:
@@ -211,9 +234,23 @@ class FusedOptimizer(Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------
     def load_state_dict(self, state_dict):
-        """Loads a fusedopt or torch.optim state dict; checks it whole before changing anything."""
+        """Loads a fusedopt or torch.optim state dict; checks it whole before changing anything.
+
+        The load pre-hooks run first, as in torch.optim, so what is checked is what they
+        return; torch.optim's load then runs without them, so that each runs once.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         self._check_loadable(state_dict)
-        super().load_state_dict(state_dict)
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
         self._steady_plans.clear()
         for group in self.param_groups:
             for param in group["params"]:
@@ -241,7 +278,7 @@ class FusedOptimizer(Optimizer):
                     continue
                 where = _backend.describe_param(group_index, param_index)
                 for key in self._state_keys(saved_group):
-                    if key not in state:
+                    if key not in state or (state[key] is None and key in self._nullable_state_keys):
                         continue
                     tensor = state[key]
                     if not isinstance(tensor, torch.Tensor) or tensor.shape != param.shape:
@@ -310,7 +347,7 @@ class SteadyPlan:
     reference path) takes the full per-tensor planning.
     """
 
-    __slots__ = ("state_keys", "backend", "device", "check", "args")
+    __slots__ = ("state_keys", "backend", "device", "check", "args", "written")
 
     @classmethod
     def try_build(cls, optimizer, group, batch):
@@ -324,10 +361,11 @@ class SteadyPlan:
         plan.state_keys = optimizer._state_keys(group)
         plan.backend = optimizer.backend
         keys = plan.state_keys + (("step",) if "step" in batch.states[0] else ())
+        state_tensors = [tuple(state[key] for key in keys) for state in batch.states]
         plan.check = _backend._C.SteadyCheck(
             _backend.TENSOR_ATTRIBUTES, list(params), params[0].dtype, params[0].is_complex(),
-            list(batch.states), keys,
-            [tuple(state[key] for key in keys) for state in batch.states])
+            list(batch.states), keys, state_tensors)
+        plan.written = list(params) + [tensor for tensors in state_tensors for tensor in tensors]
         plan.device = params[0].device
         plan.args = kernel_args[0]
         return plan
@@ -341,9 +379,11 @@ class SteadyPlan:
         grad on its param's device (the `grad` setter and `.data` refuse others), and a
         sparse or other non-strided grad has no data pointer, which fails the check.
         """
-        if optimizer._state_keys(group) != self.state_keys or optimizer.backend != self.backend:
+        params = group["params"]
+        if (optimizer._state_keys(group) != self.state_keys or optimizer.backend != self.backend
+                or type(params) is not list):
             return False
-        return self.check.refresh(self.args, group["params"])
+        return self.check.refresh(self.args, params)
 
     def refresh(self, optimizer, hyper):
         """The kept call arguments with this step's hyperparameters."""

@@ -79,6 +79,7 @@ class Adam(FusedOptimizer):
             group.setdefault("decoupled_weight_decay", False)
 
     _kernel_name = "adam_step"
+    _required_state_keys = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq starts at zero if amsgrad is turned on later
 
     def _state_keys(self, group):
         if group.get("amsgrad", False):

@@ -63,6 +63,7 @@ class SGDW(FusedOptimizer):
             group.setdefault("fused", None)
 
     _kernel_name = "sgdw_step"
+    _nullable_state_keys = ("momentum_buffer",)  # None: no buffer yet, as in torch.optim.SGD
 
     def _state_keys(self, group):
         return ("momentum_buffer",) if group.get("momentum", 0) != 0 else ()

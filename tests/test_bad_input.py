@@ -106,6 +106,22 @@ def break_step_tensor(optimizer, groups):
     optimizer.state[groups[1][0]]["step"] = torch.zeros(2)
 
 
+def break_missing_state_entry(optimizer, groups):
+    del optimizer.state[groups[1][0]]["exp_avg"]
+
+
+def break_missing_step(optimizer, groups):
+    del optimizer.state[groups[1][0]]["step"]  # torch.optim raises KeyError here
+
+
+def break_negative_step(optimizer, groups):
+    optimizer.state[groups[1][0]]["step"] = torch.tensor(-1.0)
+
+
+def break_negative_step_in_place(optimizer, groups):
+    optimizer.state[groups[1][0]]["step"].fill_(-1.0)  # keeps the tensor a steady plan knows
+
+
 def break_nan_lr(optimizer, groups):
     optimizer.param_groups[1]["lr"] = float("nan")
 
@@ -144,6 +160,12 @@ CASES = [
     (break_state_reshaped_in_place, ValueError,
      r"state 'exp_avg_sq' of param 0 of param group 0 is torch.float32 \(15,\)"),
     (break_step_tensor, ValueError, "state 'step' of param 0 of param group 1 must be a one-element float32 CPU tensor"),
+    (break_missing_state_entry, ValueError,
+     r"the state of param 0 of param group 1 has \['exp_avg_sq', 'step'\] but no 'exp_avg'"),
+    (break_missing_step, ValueError,
+     r"the state of param 0 of param group 1 has \['exp_avg', 'exp_avg_sq'\] but no 'step'"),
+    (break_negative_step, ValueError, "state 'step' of param 0 of param group 1 is -1.0"),
+    (break_negative_step_in_place, ValueError, "state 'step' of param 0 of param group 1 is -1.0"),
     (break_nan_lr, ValueError, "Invalid learning rate: nan"),
     (break_negative_lr, ValueError, "Invalid learning rate: -0.001"),
     (break_beta, ValueError, r"Invalid betas: \(0.9, 1.0\)"),
@@ -169,6 +191,25 @@ def test_refused_step_names_the_problem_and_changes_nothing(breaker, error, mess
     breaker(optimizer, groups)
     before = snapshot(optimizer)
     with pytest.raises(error, match=message):
+        optimizer.step()
+    assert_unchanged(optimizer, before)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.complex64, "kernel"),
+                                           (torch.complex128, "reference")])
+def test_conjugated_param_is_refused_on_either_path_and_changes_nothing(dtype, backend):
+    torch.manual_seed(0)
+    real = torch.nn.Parameter(torch.randn(4))
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=dtype))
+    optimizer = fusedopt.Adam([{"params": [real]}, {"params": [complex_param]}], lr=0.1,
+                              backend=backend)
+    for _ in range(2):
+        real.grad, complex_param.grad = torch.randn(4), torch.randn(3, dtype=dtype)
+        optimizer.step()
+    complex_param.data = complex_param.data.conj()  # lazily conjugated, through public API
+    real.grad, complex_param.grad = torch.randn(4), torch.randn(3, dtype=dtype)
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match="param 0 of param group 1 is a lazily conjugated"):
         optimizer.step()
     assert_unchanged(optimizer, before)
 
@@ -221,6 +262,37 @@ def test_refused_load_names_the_problem_and_changes_nothing(name, corrupt, messa
     before = snapshot(optimizer)
     with pytest.raises(ValueError, match=message):
         optimizer.load_state_dict(state_dict)
+    assert_unchanged(optimizer, before)
+
+
+def test_load_checks_what_the_load_pre_hooks_return():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(4))
+    optimizer = fusedopt.AdamW([param], lr=1e-2)
+    param.grad = torch.randn(4)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].reshape(2, 2)
+    calls = []
+
+    def reshape_back(opt, state_dict):  # a hook that repairs an old checkpoint layout
+        calls.append(1)
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["exp_avg"] = state_dict["state"][0]["exp_avg"].reshape(4)
+        return state_dict
+
+    handle = optimizer.register_load_state_dict_pre_hook(reshape_back)
+    optimizer.load_state_dict(saved)
+    assert calls == [1]  # once, not again inside torch.optim's load
+    assert optimizer.state[param]["exp_avg"].shape == (4,)
+
+    handle.remove()
+    optimizer.register_load_state_dict_pre_hook(
+        lambda opt, state_dict: {**state_dict, "state": {0: {**state_dict["state"][0],
+                                                             "step": torch.tensor(-1.0)}}})
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match="loaded state 'step' of param 0 of param group 0 is -1.0"):
+        optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     assert_unchanged(optimizer, before)
 
 

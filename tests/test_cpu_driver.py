@@ -59,6 +59,24 @@ def test_driver_rejects_lists_of_unequal_length_before_writing():
     assert torch.equal(param, before) and step.item() == 0
 
 
+@pytest.mark.parametrize("bad_step", [-1.0, 2.5, float("inf"), float("nan")])
+def test_driver_refuses_a_step_counter_that_is_no_count_before_writing(bad_step):
+    torch.manual_seed(0)
+    tensors = [torch.randn(8) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+    steps = [torch.tensor(3.0), torch.tensor(bad_step)]
+    args = C.AdamStepArgs()
+    args.params, args.grads, args.exp_avgs, args.exp_avg_sqs = (
+        [t.data_ptr(), t.data_ptr()] for t in tensors)  # both entries step the same memory
+    args.steps = [s.data_ptr() for s in steps]
+    args.numels = [8, 8]
+    args.lr, args.beta1, args.beta2, args.eps = 1e-2, 0.9, 0.999, 1e-8
+    before = [t.clone() for t in tensors]
+    with pytest.raises(ValueError, match="state 'step' of tensor 1 of this step is"):
+        C.cpu.adam_step(args, 1)
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    assert steps[0].item() == 3.0  # the good counter before it was not advanced either
+
+
 # Steps fp32, bf16 and fp16 params with Adam and SGDW on three threads and prints a
 # digest of the resulting bits; `{check}` runs just before.
 DIGEST_SCRIPT = """

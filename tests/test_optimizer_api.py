@@ -517,3 +517,99 @@ def test_steps_follow_swapped_param_storage_and_replaced_state(param_type, stead
     assert_steady_plans_read(ours, steady_reads if param_type is torch.nn.Parameter else "attributes")
     for p, q in zip(ours_params, ref_params):
         assert torch.equal(p.detach(), q.detach())
+
+
+def state_versions(optimizer, params):
+    """(param index, key) -> version counter, for every param and state tensor."""
+    versions = {(index, "param"): p._version for index, p in enumerate(params)}
+    for index, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                versions[(index, key)] = value._version
+    return versions
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=PAIR_IDS)
+def test_steps_bump_the_versions_of_what_they_change_as_torch_does(ours, theirs, kwargs, backend):
+    our_params, torch_params = model_params(), model_params()
+    optimizer = ours(our_params, backend=backend, **kwargs)
+    torch_optimizer = theirs(torch_params, **kwargs)
+    for step in range(3):  # a planned first step, then steady ones
+        set_random_grads(our_params, step)
+        set_random_grads(torch_params, step)
+        before = state_versions(optimizer, our_params), state_versions(torch_optimizer, torch_params)
+        optimizer.step()
+        torch_optimizer.step()
+        after = state_versions(optimizer, our_params), state_versions(torch_optimizer, torch_params)
+        bumped = [{name for name, version in now.items() if version > then.get(name, version)}
+                  for then, now in zip(before, after)]
+        assert bumped[0] == bumped[1]
+        if step > 0:
+            assert bumped[0] == set(after[0])  # every param and state tensor
+    # What autograd saved before a step must not be used after it, as with torch.optim.
+    loss = (our_params[0] * our_params[0]).sum()
+    set_random_grads(our_params, 3)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_a_param_group_whose_params_became_a_tuple_steps_on():
+    params = model_params()
+    reference_params = model_params()
+    optimizer = fusedopt.AdamW(params, lr=1e-2)
+    reference = fusedopt.AdamW(reference_params, lr=1e-2, backend="reference")
+    for step in range(3):
+        if step == 1:
+            optimizer.param_groups[0]["params"] = tuple(optimizer.param_groups[0]["params"])
+        set_random_grads(params, step)
+        set_random_grads(reference_params, step)
+        optimizer.step()
+        reference.step()
+    # The kernel and the reference compute the same fp32 operations in the same order.
+    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(params, reference_params))
+
+
+def test_sgd_checkpoint_without_a_momentum_buffer_loads_and_starts_it_as_torch_does():
+    source = model_params()
+    saved_by = torch.optim.SGD(source, lr=1e-2, momentum=0.9)
+    set_random_grads(source, 0)
+    saved_by.step()
+    state_dict = copy.deepcopy(saved_by.state_dict())
+    state_dict["state"][1]["momentum_buffer"] = None  # torch.optim.SGD's "no buffer yet"
+    our_params, torch_params = model_params(1), model_params(1)
+    ours = fusedopt.SGDW(our_params, lr=1e-2, momentum=0.9)
+    theirs = torch.optim.SGD(torch_params, lr=1e-2, momentum=0.9)
+    ours.load_state_dict(copy.deepcopy(state_dict))
+    theirs.load_state_dict(copy.deepcopy(state_dict))
+    for step in range(1, 3):
+        set_random_grads(our_params, step)
+        set_random_grads(torch_params, step)
+        ours.step()
+        theirs.step()
+    # Two fp32 SGD steps: a few rounding steps of fp32 apart at most.
+    for p, q in zip(our_params, torch_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=4 * EPS[torch.float32], atol=1e-6)
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", PAIRS, ids=PAIR_IDS)
+def test_params_moved_to_another_memory_format_after_state_exists_step_as_in_torch(ours, theirs, kwargs):
+    torch.manual_seed(0)
+    our_model = torch.nn.Conv2d(3, 8, 3)
+    torch_model = copy.deepcopy(our_model)
+    optimizer = ours(our_model.parameters(), **kwargs)
+    torch_optimizer = theirs(torch_model.parameters(), **kwargs)
+    inputs = torch.randn(2, 3, 8, 8)
+    for step in range(4):
+        if step == 2:  # state exists, contiguous; the weight becomes channels_last
+            our_model.to(memory_format=torch.channels_last)
+            torch_model.to(memory_format=torch.channels_last)
+        for model, opt in ((our_model, optimizer), (torch_model, torch_optimizer)):
+            opt.zero_grad()
+            model(inputs).square().mean().backward()
+            opt.step()
+    assert not our_model.weight.is_contiguous()
+    # Four fp32 steps of the same math in a different order of operations.
+    for p, q in zip(our_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=16 * EPS[torch.float32], atol=1e-6)

@@ -48,7 +48,9 @@ SgdScalars sgdw_scalars(const SgdwStepArgs& args);
 void check_lists(const AdamStepArgs& args);
 void check_lists(const SgdwStepArgs& args);
 
-// Increments every tensor's host step counter and returns each tensor's scalars.
+// Increments every tensor's host step counter and returns each tensor's scalars;
+// raises std::invalid_argument, with no counter changed, if any counter is not a
+// whole number >= 0.
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args);
 
 }  // namespace fusedopt
