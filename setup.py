@@ -96,6 +96,7 @@ class BuildExt(build_ext):
 
 sources = [
     "csrc/bindings.cpp",
+    "csrc/launch_check.cpp",
     "csrc/step_args.cpp",
     "csrc/cpu/driver.cpp",
     "csrc/cpu/parallel.cpp",

@@ -36,10 +36,32 @@ SgdScalars sgdw_scalars(const SgdwStepArgs& args) {
 
 namespace {
 
-void check_list(const std::vector<uintptr_t>& list, size_t expected, const char* name) {
+size_t element_bytes(ScalarType dtype) {
+  return dtype == ScalarType::kFloat32 ? sizeof(float) : sizeof(uint16_t);
+}
+
+// The last line of defense under the Python checks: a list of the wrong length, a
+// null address with elements to step, or an address not aligned for the dtype
+// (undefined behaviour in every kernel) is refused before anything is touched.
+void check_list(const std::vector<uintptr_t>& list, size_t expected, const char* name,
+                const std::vector<int64_t>& numels, size_t alignment) {
   if (list.size() != expected) {
     throw std::invalid_argument(std::string(name) + " has " + std::to_string(list.size()) +
                                 " entries, expected " + std::to_string(expected));
+  }
+  for (size_t t = 0; t < list.size(); ++t) {
+    if (numels[t] < 0) {
+      throw std::invalid_argument("tensor " + std::to_string(t) + " has a negative element count");
+    }
+    if (numels[t] == 0) continue;
+    if (list[t] == 0) {
+      throw std::invalid_argument(std::string(name) + "[" + std::to_string(t) +
+                                  "] is a null address with elements to step");
+    }
+    if (list[t] % alignment != 0) {
+      throw std::invalid_argument(std::string(name) + "[" + std::to_string(t) +
+                                  "] is not aligned for its dtype");
+    }
   }
 }
 
@@ -47,20 +69,24 @@ void check_list(const std::vector<uintptr_t>& list, size_t expected, const char*
 
 void check_lists(const AdamStepArgs& args) {
   const size_t n = args.numels.size();
-  check_list(args.params, n, "params");
-  check_list(args.grads, n, "grads");
-  check_list(args.exp_avgs, n, "exp_avgs");
-  check_list(args.exp_avg_sqs, n, "exp_avg_sqs");
-  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs");
-  check_list(args.steps, n, "steps");
+  const size_t alignment = element_bytes(args.dtype);
+  check_list(args.params, n, "params", args.numels, alignment);
+  check_list(args.grads, n, "grads", args.numels, alignment);
+  check_list(args.exp_avgs, n, "exp_avgs", args.numels, alignment);
+  check_list(args.exp_avg_sqs, n, "exp_avg_sqs", args.numels, alignment);
+  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs", args.numels, alignment);
+  // Every counter is read and written, whatever its tensor's element count.
+  const std::vector<int64_t> one_each(n, 1);
+  check_list(args.steps, n, "steps", one_each, sizeof(float));
 }
 
 void check_lists(const SgdwStepArgs& args) {
   const size_t n = args.numels.size();
-  check_list(args.params, n, "params");
-  check_list(args.grads, n, "grads");
+  const size_t alignment = element_bytes(args.dtype);
+  check_list(args.params, n, "params", args.numels, alignment);
+  check_list(args.grads, n, "grads", args.numels, alignment);
   check_list(args.momentum_buffers, args.momentum_mode == Momentum::kNone ? 0 : n,
-             "momentum_buffers");
+             "momentum_buffers", args.numels, alignment);
 }
 
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {

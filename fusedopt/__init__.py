@@ -25,9 +25,9 @@ def backend_info():
         "cpu_isa": C.cpu.active_isa() if C is not None else None,
         "cpu_isas_compiled": list(C.cpu.compiled_isas()) if C is not None else [],
         "cpu_parallel": C.cpu.parallel_runtime() if C is not None else None,
-        # How cached-plan steps check their tensors (NOTE: [steady check]).
+        # How the launch check reads tensors (NOTE: [launch check]).
         "steady_check": None if C is None else (
-            "dlpack-exchange" if _backend.TENSOR_ATTRIBUTES.exchanges else "attribute-reads"),
+            "dlpack-exchange" if _backend.TENSOR_READS.exchanges else "attribute-reads"),
         "cuda_compiled": cuda_compiled,
         "cuda_archs": C.cuda_archs if cuda_compiled else "",
         "cuda_available": cuda_compiled and C.cuda.device_count() > 0 and torch.cuda.is_available(),

@@ -7,6 +7,7 @@ TypeError naming the parameter and the problem.
 """
 import inspect
 import math
+import numbers
 
 import torch
 from torch.autograd.graph import increment_version
@@ -39,28 +40,25 @@ def _kernel_codes():
 KERNEL_CODES = _kernel_codes()
 
 
-def _tensor_attributes(exchange=True):
-    """What the steady-path check (csrc/bindings.cpp, NOTE: [steady check]) reads on
-    params, grads and state: the descriptors torch.Tensor resolves these names to, the
-    exact tensor types that resolve them the same way and may be read through them
-    directly, and torch's DLPack C exchange table (torch >= 2.11), which describes such
-    a tensor in one C call. `exchange=False` leaves the table out (tests of the
-    attribute reads that older torch takes)."""
+def _tensor_reads(exchange=True):
+    """What the launch check (csrc/launch_check.cpp, NOTE: [launch check]) reads on
+    params, grads, state and their storages: the C-level descriptors of TensorBase
+    and StorageBase, and torch's DLPack C exchange table (torch >= 2.11), which
+    describes a tensor in one C call. `exchange=False` leaves the table out (tests of
+    the attribute reads that older torch takes)."""
     if _C is None:
         return None
-    names = ("grad", "dtype", "shape", "ndim", "nbytes", "data_ptr", "is_contiguous", "is_neg",
-             "is_conj")
-    descriptors = {name: inspect.getattr_static(torch.Tensor, name) for name in names}
+    owners = {"storage_data_ptr": (torch._C.StorageBase, "data_ptr"),
+              "storage_nbytes": (torch._C.StorageBase, "nbytes")}
+    descriptors = {name: inspect.getattr_static(*owners.get(name, (torch._C.TensorBase, name)))
+                   for name in _C.TensorReads.names}
     capsule = inspect.getattr_static(torch.Tensor, "__dlpack_c_exchange_api__", None)
-    exact_types = tuple(
-        cls for cls in (torch.Tensor, torch.nn.Parameter)
-        if all(inspect.getattr_static(cls, name) is descriptors[name] for name in names)
-        and inspect.getattr_static(cls, "__dlpack_c_exchange_api__", None) is capsule
-    )
-    return _C.TensorAttributes(exact_types, descriptors, capsule if exchange else None)
+    return _C.TensorReads(descriptors, capsule if exchange else None)
 
 
-TENSOR_ATTRIBUTES = _tensor_attributes()
+TENSOR_READS = _tensor_reads()
+_TENSOR_GRAD = inspect.getattr_static(torch._C.TensorBase, "grad")
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def kernel_devices():
@@ -80,9 +78,39 @@ def launch(kernel_name, args, device):
         getattr(_C.cuda, kernel_name)(args, device.index, stream)
 
 
+def launch_target(device):
+    """Where run_checked launches a kernel for tensors on `device`: on the CPU with
+    torch's thread count, on CUDA on the device's current stream."""
+    if device.type == "cpu":
+        return ("cpu", torch.get_num_threads())
+    return ("cuda", device.index, torch.cuda.current_stream(device).cuda_stream)
+
+
+def launch_check(params, state_dicts, state_keys, state_tensors):
+    """The launch check of one kernel call (NOTE: [launch check]): `state_tensors`
+    holds, per param, its state tensors in the order of `state_keys`."""
+    return _C.LaunchCheck(TENSOR_READS, params, state_dicts, state_keys, state_tensors)
+
+
+def reads_grad_plainly(param):
+    """Whether `param.grad` is torch's own getter, which the launch check reads directly."""
+    return inspect.getattr_static(type(param), "grad") is _TENSOR_GRAD
+
+
 def kernel_numel(tensor):
     """Elements the kernel steps: complex tensors count as pairs of reals."""
     return tensor.numel() * 2 if tensor.is_complex() else tensor.numel()
+
+
+def overlaps_itself(tensor):
+    """True unless each dim, in order of stride, steps past everything the smaller
+    strides reach (which proves no two elements share memory); expanded views overlap."""
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n != 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
 
 
 def is_dense(tensor):
@@ -108,12 +136,98 @@ def describe_param(group_index, param_index):
     return f"param {param_index} of param group {group_index}"
 
 
+def check_tensor_type(tensor, where):
+    """Raises unless `tensor` keeps its own data at its data_ptr(): torch.Tensor,
+    nn.Parameter and `__torch_function__` subclasses do; wrapper subclasses (those
+    with `__torch_dispatch__`, DTensor among them) hold their data elsewhere."""
+    if type(tensor) in PLAIN_TYPES:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{where} is a {type(tensor).__name__}, not a tensor")
+    if torch._C._dispatch_keys(tensor).has(torch._C.DispatchKey.Python):
+        if type(tensor).__name__ == "DTensor":
+            raise TypeError(
+                f"{where} is a DTensor (FSDP2 or tensor parallel); fusedopt does not step "
+                "DTensors yet: use torch.optim for these params")
+        raise TypeError(
+            f"{where} is a {type(tensor).__module__}.{type(tensor).__name__}, a tensor subclass "
+            "with __torch_dispatch__ whose data does not live at its data_ptr(); fusedopt steps "
+            "torch.Tensor, nn.Parameter and __torch_function__ subclasses")
+
+
+def extent_bytes(tensor):
+    """Bytes from a tensor's first element to one past its last."""
+    if tensor.numel() == 0:
+        return 0
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return (last + 1) * tensor.element_size()
+
+
+def check_memory(tensor, where):
+    """Raises unless the tensor's elements lie inside its storage (a storage shrunk
+    with `untyped_storage().resize_()` leaves a tensor pointing past its end)."""
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        return
+    address = tensor.data_ptr()
+    storage = tensor.untyped_storage()
+    base, size = storage.data_ptr(), storage.nbytes()
+    if address == 0 or address < base or address - base + extent_bytes(tensor) > size:
+        raise ValueError(
+            f"{where} reaches beyond the end of its storage: it needs "
+            f"{address - base + extent_bytes(tensor) if address else extent_bytes(tensor)} bytes, "
+            f"its storage holds {size} (was the storage resized, e.g. by "
+            "untyped_storage().resize_()?)")
+
+
+def alignment(tensor):
+    """The address alignment the kernels need: one real element (complex steps as pairs)."""
+    size = tensor.element_size()
+    return size // 2 if tensor.is_complex() else size
+
+
+def is_aligned(tensor):
+    return tensor.numel() == 0 or tensor.data_ptr() % alignment(tensor) == 0
+
+
+def check_aligned(param, where):
+    if not is_aligned(param):
+        raise ValueError(
+            f"{where} is not aligned for {param.dtype} (address {param.data_ptr():#x}), e.g. made "
+            "by torch.frombuffer with an odd offset; the kernels read whole elements: give it "
+            "aligned memory (p.data = p.data.clone()) or use backend='reference'")
+
+
+def needs_relayout(tensor, param, use_kernel):
+    """Whether the step must work on a copy of a grad or state tensor laid out like
+    `param`: the kernel walks dense, aligned, plainly signed memory in the param's
+    order; the reference writes state in place, which an overlapping view refuses."""
+    if use_kernel:
+        return (not same_layout(tensor, param) or not is_aligned(tensor) or tensor.is_neg()
+                or tensor.is_conj())
+    return overlaps_itself(tensor)
+
+
+def relaid_out(tensor, param):
+    """A copy of `tensor`'s values in fresh memory laid out like `param`."""
+    return torch.empty_like(param, memory_format=torch.preserve_format).copy_(tensor)
+
+
+def memory_range(tensor, name):
+    """(first byte, one past the last, name) of a dense tensor's memory; None for
+    tensors without memory to compare (empty, meta, strided views with gaps)."""
+    if tensor.numel() == 0 or tensor.device.type == "meta" or not is_dense(tensor):
+        return None
+    start = tensor.data_ptr()
+    return (start, start + tensor.numel() * tensor.element_size(), name)
+
+
 def check_grad(param, grad, where):
     """Raises if `grad` cannot be applied to `param`."""
     if grad.layout != torch.strided:
         raise ValueError(
             f"{where} has a sparse gradient ({grad.layout}); fusedopt supports dense gradients only"
         )
+    check_tensor_type(grad, f"the gradient of {where}")
     if grad.device != param.device:
         raise ValueError(f"{where} is on {param.device} but its gradient is on {grad.device}")
     if grad.dtype != param.dtype:
@@ -122,6 +236,7 @@ def check_grad(param, grad, where):
         raise ValueError(
             f"{where} has shape {tuple(param.shape)} but its gradient has shape {tuple(grad.shape)}"
         )
+    check_memory(grad, f"the gradient of {where}")
 
 
 def check_param(param, where):
@@ -129,18 +244,19 @@ def check_param(param, where):
     if param.dtype not in REFERENCE_DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in REFERENCE_DTYPES)
         raise TypeError(f"{where} is {param.dtype}; fusedopt steps {names}")
-    if not is_dense(param):
+    if overlaps_itself(param):
         raise ValueError(
-            f"{where} overlaps itself or has gaps in memory (shape {tuple(param.shape)}, "
-            f"strides {param.stride()}), e.g. an expanded view; fusedopt steps dense params only"
+            f"{where} overlaps itself in memory (shape {tuple(param.shape)}, strides "
+            f"{param.stride()}), e.g. an expanded view; a step would write its elements twice"
         )
 
 
 def check_state(param, tensor, key, where):
     """Raises if the state tensor `key` does not match `param` element for element (its
-    memory layout may differ: the kernel path copies it into the param's first)."""
+    memory layout may differ: the step then works on a copy laid out like the param)."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"state '{key}' of {where} is {type(tensor).__name__}, not a tensor")
+    check_tensor_type(tensor, f"state '{key}' of {where}")
     if tensor.shape != param.shape or tensor.dtype != param.dtype or tensor.device != param.device:
         raise ValueError(
             f"state '{key}' of {where} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; "
@@ -148,6 +264,42 @@ def check_state(param, tensor, key, where):
         )
     if tensor.layout != torch.strided:
         raise ValueError(f"state '{key}' of {where} is {tensor.layout}; fusedopt keeps dense state")
+    check_memory(tensor, f"state '{key}' of {where}")
+
+
+def check_loaded_state(param, tensor, key, where):
+    """Raises unless a checkpoint's state tensor can become the param's state."""
+    if not isinstance(tensor, torch.Tensor) or tensor.shape != param.shape:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
+        raise ValueError(
+            f"loaded state '{key}' of {where} has shape {shape}; the param has shape "
+            f"{tuple(param.shape)}"
+        )
+    check_tensor_type(tensor, f"loaded state '{key}' of {where}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"loaded state '{key}' of {where} is {tensor.layout}; fusedopt keeps dense state")
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.is_complex() != param.is_complex():
+        raise ValueError(f"loaded state '{key}' of {where} is {tensor.dtype}; the param is {param.dtype}")
+    check_memory(tensor, f"loaded state '{key}' of {where}")
+
+
+def check_loaded_step(step, where):
+    """Raises unless a checkpoint's step count is a whole number >= 0, as a number or a
+    one-element real tensor."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            raise ValueError(f"loaded state 'step' of {where} is a {step.dtype} tensor of "
+                             f"{step.numel()} elements; a step count is one real number")
+        check_tensor_type(step, f"loaded state 'step' of {where}")
+        check_memory(step, f"loaded state 'step' of {where}")
+        value = step.item()
+    elif isinstance(step, numbers.Real) and not isinstance(step, bool):
+        value = float(step)
+    else:
+        raise ValueError(f"loaded state 'step' of {where} is {type(step).__name__} {step!r}; "
+                         "a step count is a number or a one-element tensor")
+    if not (0 <= value < math.inf and value == int(value)):
+        raise ValueError(f"loaded state 'step' of {where} is {value}")
 
 
 def check_step(step, where):
@@ -160,6 +312,8 @@ def check_step(step, where):
         raise ValueError(
             f"state 'step' of {where} must be a one-element float32 CPU tensor, got {step!r}"
         )
+    check_tensor_type(step, f"state 'step' of {where}")
+    check_memory(step, f"state 'step' of {where}")
     value = step.item()
     if not (0 <= value < math.inf and value == int(value)):
         raise ValueError(f"state 'step' of {where} is {value}; a step count is a whole number >= 0")
@@ -199,6 +353,9 @@ def check_lr(lr):
 
 def scalar(value, name, param_device):
     """A hyperparameter as a Python float; a tensor must sit on the CPU or the params' device."""
+    if not isinstance(value, (torch.Tensor, numbers.Real)):
+        raise TypeError(f"{name} must be a real number or a one-element tensor, got "
+                        f"{type(value).__name__} {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"tensor {name} must have one element, got shape {tuple(value.shape)}")

@@ -1,6 +1,15 @@
 """What Adam, AdamW and SGDW share: backend choice, validate-then-write stepping,
-and checkpoint loading that refuses bad input before changing anything."""
+and checkpoint loading that refuses bad input before changing anything.
+
+A step has two phases (docs/DESIGN.md, "Data flow of a step" and "Memory safety"):
+planning reads and checks every group, runs every piece of user code a step may
+run (hyperparameters' `__float__`, `__torch_function__`) and prepares new state on
+the side; then one compiled call checks every kernel call's tensors once more and
+launches them all (NOTE: [launch check] in csrc/launch_check.cpp). Only after the
+launches does new state enter `optimizer.state`, a param's entries at once.
+"""
 import operator
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -11,29 +20,56 @@ from torch.optim import Optimizer
 from fusedopt import _backend
 
 BACKENDS = ("auto", "kernel", "reference")
+# A step whose tensors change between planning and launch (a hook, a
+# `__torch_function__`, another thread) is planned again, this many times at most.
+PLANNING_ATTEMPTS = 3
 
 
 class Batch:
-    """Params of one group that share a device and dtype, with their grads and states."""
+    """Params of one group that share a dtype and a path (kernel or reference), with
+    their grads and, per param, the state the step works on before it is committed."""
 
-    __slots__ = ("group", "hyper", "use_kernel", "params", "grads", "states", "relayouts")
+    __slots__ = ("group", "group_index", "hyper", "use_kernel", "params", "param_indices", "grads",
+                 "states", "working")
 
-    def __init__(self, group, hyper, use_kernel):
+    def __init__(self, group, group_index, hyper, use_kernel):
         self.group = group
+        self.group_index = group_index
         self.hyper = hyper
         self.use_kernel = use_kernel
         self.params = []
-        self.grads = []
-        self.states = []
-        self.relayouts = []  # (state, key, param): state the kernel needs in the param's layout
+        self.param_indices = []  # each param's index in its group, for messages
+        self.grads = []  # the tensors the kernel reads: `p.grad`, or a resolved copy
+        self.states = []  # each param's state dict in optimizer.state, or None
+        self.working = []  # each param's state as the step uses it (a copy of the dict)
+
+    def commit(self, optimizer):
+        """Puts the working state into optimizer.state, one param's entries at once,
+        so an interrupt leaves every state either as it was or complete."""
+        for param, state, working in zip(self.params, self.states, self.working):
+            if state is None:
+                if working:
+                    optimizer.state[param] = working
+            elif working.keys() != state.keys() or any(
+                    working[key] is not value for key, value in state.items()):
+                state.update(working)
+
+    def final_state_dicts(self):
+        """The dicts that hold each param's state after commit()."""
+        return [working if state is None else state
+                for state, working in zip(self.states, self.working)]
+
+    def describe(self, index):
+        return _backend.describe_param(self.group_index, self.param_indices[index])
 
 
 class FusedOptimizer(Optimizer):
     """Base class. Subclasses define the state, the hyperparameters and the two paths.
 
     step() first plans every group: it checks every param, grad, state tensor and
-    hyperparameter; only when all are sound does it create state and write. A
-    refused step therefore leaves every tensor as it was.
+    hyperparameter; only when all are sound does it write. A refused step therefore
+    leaves every tensor and every state entry as it was. Steps of one optimizer from
+    several threads take turns.
     """
 
     def __init__(self, params, defaults, backend):
@@ -48,6 +84,9 @@ class FusedOptimizer(Optimizer):
         self._warned = set()
         self._steady_plans = {}  # id(group) -> SteadyPlan
         self._state_snapshot = ([], [])  # self.state's keys and values after the last step
+        # Re-entrant: a hook or `__float__` that steps this optimizer from inside a
+        # step runs its own whole step rather than deadlock.
+        self._lock = threading.RLock()
 
     # torch.optim pickles (and deep-copies) only defaults, state and param groups.
     def __getstate__(self):
@@ -62,44 +101,48 @@ class FusedOptimizer(Optimizer):
         """Names of the state tensors shaped like the param that a step needs."""
         raise NotImplementedError
 
+    _counter_keys = ()  # state tensors the kernel counts in (Adam's "step"), after _state_keys
+    _required_group_keys = ()  # hyperparameters a loaded param group must hold
+
     def _hyperparameters(self, group, device):
         """The group's hyperparameters as validated Python values."""
         raise NotImplementedError
 
     def _init_states(self, batch):
-        """Creates the missing state entries of the batch's params (SGDW creates its
-        buffers in the step itself, filled from the first gradient)."""
+        """Adds the missing state entries to the batch's working states."""
 
-    def _kernel_args(self, batch):
-        """The compiled-call argument objects (one or more) that step `batch`."""
+    def _kernel_calls(self, batch):
+        """[(compiled-call argument object, indices into the batch)] that step `batch`."""
         raise NotImplementedError
 
     def _set_kernel_hyperparameters(self, args, hyper):
         """Writes this step's hyperparameters into a compiled-call argument object."""
         raise NotImplementedError
 
-    _kernel_name = None  # the compiled entry point: "adam_step" or "sgdw_step"
+    def _reference_step(self, batch):
+        """Steps the batch with fusedopt.reference, on its working states."""
+        raise NotImplementedError
+
+    _kernel_name = None  # "adam_step" or "sgdw_step"
     _required_state_keys = ()  # what a non-empty state must hold
     _nullable_state_keys = ()  # state keys that torch.optim may hold as None
 
-    def _written_tensors(self, batch):
-        """The tensors a kernel call on `batch` changes in place."""
-        keys = self._state_keys(batch.group) + ("step",)
-        return batch.params + [state[key] for state in batch.states for key in keys
-                               if state.get(key) is not None]
-
-    def _reference_step(self, batch):
-        raise NotImplementedError
+    def add_param_group(self, param_group):
+        with self._lock:
+            super().add_param_group(param_group)
 
     # -- stepping -----------------------------------------------------------------
-    @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Plan and validate every group before the first write.
+        with self._lock, torch.no_grad():
+            self._step()
+        return loss
+
+    def _step(self):
         keys, values = self._state_snapshot
         if self._steady_plans and not (
             len(self.state) == len(keys)
@@ -107,40 +150,82 @@ class FusedOptimizer(Optimizer):
             and all(map(operator.is_, self.state.values(), values))
         ):
             self._steady_plans.clear()  # an entry of self.state was added, replaced or removed
-        work = []  # (group, (steady plan, hyperparameters)) or (group, batches)
-        all_steady = True
-        for group_index, group in enumerate(self.param_groups):
-            steady = self._steady_plans.get(id(group))
-            if steady is not None and steady.still_describes(self, group):
-                work.append((group, (steady, self._hyperparameters(group, steady.device))))
-            else:
-                work.append((group, self._plan_group(group_index, group)))
-                all_steady = False
-        for group, batches in work:
-            if isinstance(batches, tuple):
-                steady, hyper = batches
-                _backend.launch(self._kernel_name, steady.refresh(self, hyper), steady.device)
-                _backend.mark_written(steady.written)
-                continue
-            self._steady_plans.pop(id(group), None)
-            for batch in batches:
-                for index, param in enumerate(batch.params):
-                    if batch.states[index] is None:
-                        batch.states[index] = self.state[param]
-                for state, key, param in batch.relayouts:
-                    state[key] = torch.empty_like(param).copy_(state[key])
-                self._init_states(batch)
-                if batch.use_kernel:
-                    for args in self._kernel_args(batch):
-                        _backend.launch(self._kernel_name, args, batch.params[0].device)
-                    _backend.mark_written(self._written_tensors(batch))
-                else:
-                    self._reference_step(batch)
-            if len(batches) == 1 and batch.use_kernel:
-                self._steady_plans[id(group)] = SteadyPlan.try_build(self, group, batch)
-        if not all_steady:  # steady steps add and replace no state entries
+        for _ in range(PLANNING_ATTEMPTS):
+            items, owners, batches = self._plan()
+            with torch._C.DisableTorchFunction():
+                failed = _backend._C.run_checked(items) if items else -1
+            if failed < 0:
+                break
+            group, plan = owners[failed]
+            self._steady_plans.pop(id(group), None)  # plan the group in full next time
+        else:
+            raise RuntimeError(
+                f"param group {_index_of(self.param_groups, group)}: {items[failed][0].failure} "
+                "between planning and launch, in every one of "
+                f"{PLANNING_ATTEMPTS} attempts (a hook, a __torch_function__ or another thread "
+                "kept changing it); nothing was stepped")
+        for batch in batches:
+            if batch.use_kernel:
+                batch.commit(self)
+        _backend.mark_written([tensor for _, plan in owners if plan is not None
+                               for tensor in plan.written])
+        _backend.mark_written([tensor for batch in batches if batch.use_kernel
+                               for tensor in self._written_tensors(batch)])
+        for batch in batches:
+            if not batch.use_kernel:
+                self._reference_step(batch)
+                batch.commit(self)
+        for group in {id(batch.group): batch.group for batch in batches}.values():
+            group_batches = [batch for batch in batches if batch.group is group]
+            plan = SteadyPlan.try_build(self, group, group_batches)
+            if plan is not None:
+                self._steady_plans[id(group)] = plan
+        if batches:  # steady steps add and replace no state entries
             self._state_snapshot = (list(self.state.keys()), list(self.state.values()))
-        return loss
+
+    def _plan(self):
+        """Every group's kernel calls, checked and ready (steady plans, or calls built
+        from the full planning), and the batches of the fully planned groups. Writes
+        nothing: new state lives in the batches' working states."""
+        items = []  # run_checked's (check, args, params, grads, check_state_dicts, target)
+        owners = []  # per item: (group, its steady plan or None)
+        batches = []
+        planned = []
+        for group_index, group in enumerate(self.param_groups):
+            plan = self._steady_plans.get(id(group))
+            if plan is not None and plan.usable(self, group):
+                plan.set_hyperparameters(self, self._hyperparameters(group, plan.device))
+                items.append((plan.check, plan.args, group["params"], None, True, plan.target()))
+                owners.append((group, plan))
+            else:
+                self._steady_plans.pop(id(group), None)
+                planned.append((group_index, group))
+        if not planned:
+            return items, owners, batches
+        for group_index, group in planned:
+            batches += self._plan_group(group_index, group)
+        self._check_distinct_memory(batches, [plan for _, plan in owners])
+        for batch in batches:
+            self._init_states(batch)
+            if not batch.use_kernel:
+                continue
+            keys = self._state_keys(batch.group) + self._counter_keys
+            target = _backend.launch_target(batch.params[0].device)
+            for args, indices in self._kernel_calls(batch):
+                params = [batch.params[i] for i in indices]
+                dicts = batch.final_state_dicts()
+                check = _backend.launch_check(
+                    params, [dicts[i] for i in indices],
+                    keys, [tuple(batch.working[i][key] for key in keys) for i in indices])
+                items.append((check, args, params, [batch.grads[i] for i in indices], False, target))
+                owners.append((batch.group, None))
+        return items, owners, batches
+
+    def _written_tensors(self, batch):
+        """The tensors a kernel call on `batch` changes in place."""
+        keys = self._state_keys(batch.group) + self._counter_keys
+        return batch.params + [state[key] for state in batch.working for key in keys
+                               if state.get(key) is not None]
 
     def _plan_group(self, group_index, group):
         """Validates one group and splits its params with grads into batches; writes nothing."""
@@ -152,15 +237,9 @@ class FusedOptimizer(Optimizer):
             grad = param.grad
             if grad is None:
                 continue
-            where = None
-            if not (
-                grad.layout == torch.strided
-                and grad.dtype == param.dtype
-                and grad.shape == param.shape
-                and grad.device == param.device
-            ):
-                where = _backend.describe_param(group_index, param_index)
-                _backend.check_grad(param, grad, where)
+            where = _backend.describe_param(group_index, param_index)
+            _backend.check_tensor_type(param, where)
+            _backend.check_grad(param, grad, where)
             if device is None:
                 device = param.device
                 hyper = self._hyperparameters(group, device)
@@ -169,38 +248,36 @@ class FusedOptimizer(Optimizer):
                     f"param group {group_index} mixes devices ({device} and {param.device}); "
                     "put params of each device in their own group"
                 )
-            batch = batches.get(param.dtype)
-            if batch is None:
-                _backend.check_param(param, _backend.describe_param(group_index, param_index))
-                batch = Batch(group, hyper, self._use_kernel(device, param.dtype))
-                batches[param.dtype] = batch
-            elif not param.is_contiguous():
-                _backend.check_param(param, _backend.describe_param(group_index, param_index))
-            state = self.state.get(param)  # .get: planning adds no entries
-            if state:
-                self._check_existing_state(param, state, state_keys, group_index, param_index)
-                if batch.use_kernel:  # e.g. model.to(memory_format=...) after state existed
-                    batch.relayouts += [(state, key, param) for key in state_keys
-                                        if state.get(key) is not None
-                                        and not _backend.same_layout(state[key], param)]
-            if grad.is_conj() or grad.is_neg():
-                grad = grad.resolve_conj().resolve_neg()  # a copy that holds the values
+            _backend.check_param(param, where)
             if param.is_conj() or param.is_neg():
                 raise ValueError(
-                    f"{_backend.describe_param(group_index, param_index)} is a lazily "
-                    "conjugated or negated view; fusedopt steps plain memory, so give it "
-                    "resolved data (p.data = p.data.resolve_conj().resolve_neg())"
+                    f"{where} is a lazily conjugated or negated view; fusedopt steps plain "
+                    "memory, so give it resolved data (p.data = p.data.resolve_conj().resolve_neg())"
                 )
-            if batch.use_kernel:
-                if not _backend.same_layout(grad, param):
-                    grad = torch.empty_like(param).copy_(grad)  # the kernel walks both in one order
+            _backend.check_memory(param, where)
+            use_kernel = self._use_kernel(device, param, where)
+            batch = batches.get((param.dtype, use_kernel))
+            if batch is None:
+                batch = batches[(param.dtype, use_kernel)] = Batch(group, group_index, hyper, use_kernel)
+            state = self.state.get(param)  # .get: planning adds no entries
+            working = dict(state) if state else {}
+            if state:
+                self._check_existing_state(param, state, state_keys, where)
+                for key in state_keys + self._counter_keys:
+                    tensor = state.get(key)
+                    if tensor is not None and key in state_keys and _backend.needs_relayout(
+                            tensor, param, use_kernel):
+                        working[key] = _backend.relaid_out(tensor, param)
+            if _backend.needs_relayout(grad, param, use_kernel):
+                grad = _backend.relaid_out(grad, param)  # a copy that holds the values
             batch.params.append(param)
+            batch.param_indices.append(param_index)
             batch.grads.append(grad)
             batch.states.append(state)
+            batch.working.append(working)
         return list(batches.values())
 
-    def _check_existing_state(self, param, state, state_keys, group_index, param_index):
-        where = _backend.describe_param(group_index, param_index)
+    def _check_existing_state(self, param, state, state_keys, where):
         for key in self._required_state_keys:
             if key not in state:
                 raise ValueError(
@@ -211,25 +288,64 @@ class FusedOptimizer(Optimizer):
             tensor = state.get(key)
             if tensor is not None:
                 _backend.check_state(param, tensor, key, where)
-        if "step" in state:
-            _backend.check_step(state["step"], where)
+        for key in self._counter_keys:
+            if key in state:
+                _backend.check_step(state[key], where)
 
-    def _use_kernel(self, device, dtype):
+    def _check_distinct_memory(self, batches, steady_plans):
+        """Refuses a step in which one param appears twice, or two written tensors
+        (params, state, step counters) share memory: torch.optim would update such
+        memory twice in one step, fusedopt's parallel kernels in no defined order."""
+        seen = {}
+        for batch in batches:
+            for index, param in enumerate(batch.params):
+                first = seen.setdefault(id(param), batch.describe(index))
+                if first != batch.describe(index):
+                    raise ValueError(
+                        f"{batch.describe(index)} is the same tensor as {first}; torch.optim warns "
+                        "that a param listed twice will be an error and steps it twice: fusedopt "
+                        "refuses it. List each param once.")
+        ranges = []
+        for batch in batches:
+            keys = self._state_keys(batch.group) + self._counter_keys
+            for index, param in enumerate(batch.params):
+                where = batch.describe(index)
+                ranges.append(_backend.memory_range(param, where))
+                state = batch.working[index]
+                for key in keys:
+                    if state.get(key) is not None:
+                        ranges.append(_backend.memory_range(state[key], f"state '{key}' of {where}"))
+        for plan in steady_plans:
+            ranges += plan.ranges
+        ranges = sorted(r for r in ranges if r is not None)
+        for (start, end, name), (next_start, _, next_name) in zip(ranges, ranges[1:]):
+            if next_start < end:
+                raise ValueError(
+                    f"{next_name} shares memory with {name}; a step would write that memory "
+                    "twice. Give each its own tensor (e.g. .clone())")
+
+    def _use_kernel(self, device, param, where):
         if self.backend == "reference":
             return False
-        if device.type in _backend.kernel_devices() and dtype in _backend.KERNEL_DTYPES:
+        reason = None
+        if device.type not in _backend.kernel_devices() or param.dtype not in _backend.KERNEL_DTYPES:
+            if _backend._C is None:
+                reason = f"the compiled module fusedopt._C did not import ({_backend.IMPORT_ERROR})"
+            elif device.type not in _backend.kernel_devices():
+                reason = f"this build has no fusedopt kernel for {device.type} tensors"
+            else:
+                reason = f"fusedopt kernels do not step {param.dtype} params"
+        elif not _backend.is_dense(param):
+            reason = ("fusedopt kernels step dense params only, and a param is a strided view "
+                      "with gaps")
+        if reason is None:
+            _backend.check_aligned(param, where)
             return True
-        if _backend._C is None:
-            reason = f"the compiled module fusedopt._C did not import ({_backend.IMPORT_ERROR})"
-        elif device.type not in _backend.kernel_devices():
-            reason = f"this build has no fusedopt kernel for {device.type} tensors"
-        else:
-            reason = f"fusedopt kernels do not step {dtype} params"
         if self.backend == "kernel":
             raise RuntimeError(f"backend='kernel', but {reason}; use backend='auto' or 'reference'")
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"{reason}: stepping with the reference implementation", stacklevel=4)
+            warnings.warn(f"{reason}: stepping with the reference implementation", stacklevel=5)
         return False
 
     # -- checkpoints ----------------------------------------------------------------
@@ -239,26 +355,29 @@ class FusedOptimizer(Optimizer):
         The load pre-hooks run first, as in torch.optim, so what is checked is what they
         return; torch.optim's load then runs without them, so that each runs once.
         """
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            hook_result = pre_hook(self, state_dict)
-            if hook_result is not None:
-                state_dict = hook_result
-        self._check_loadable(state_dict)
-        pre_hooks = self._optimizer_load_state_dict_pre_hooks
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = pre_hooks
-        self._steady_plans.clear()
-        for group in self.param_groups:
-            for param in group["params"]:
-                state = self.state.get(param)
-                if state:
-                    self._normalize_loaded_state(param, state, group)
+        with self._lock:
+            state_dict = state_dict.copy()
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                hook_result = pre_hook(self, state_dict)
+                if hook_result is not None:
+                    state_dict = hook_result
+            self._check_loadable(state_dict)
+            pre_hooks = self._optimizer_load_state_dict_pre_hooks
+            self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+            try:
+                super().load_state_dict(state_dict)
+            finally:
+                self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._steady_plans.clear()
+            for group in self.param_groups:
+                for param in group["params"]:
+                    state = self.state.get(param)
+                    if state:
+                        self._normalize_loaded_state(param, state, group)
 
     def _check_loadable(self, state_dict):
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("a state dict holds 'state' and 'param_groups'")
         groups = self.param_groups
         saved_groups = state_dict["param_groups"]
         if len(groups) != len(saved_groups):
@@ -267,6 +386,11 @@ class FusedOptimizer(Optimizer):
             )
         saved_state = state_dict["state"]
         for group_index, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+            missing = [key for key in self._required_group_keys if key not in saved_group]
+            if missing:
+                raise ValueError(
+                    f"loaded param group {group_index} has no {missing}, which "
+                    f"{type(self).__name__} needs: is it another optimizer's state dict?")
             if len(group["params"]) != len(saved_group["params"]):
                 raise ValueError(
                     f"param group {group_index} has {len(group['params'])} params, the loaded "
@@ -277,38 +401,28 @@ class FusedOptimizer(Optimizer):
                 if not state:
                     continue
                 where = _backend.describe_param(group_index, param_index)
+                if not isinstance(state, dict):
+                    raise ValueError(f"loaded state of {where} is {type(state).__name__}, not a dict")
                 for key in self._state_keys(saved_group):
                     if key not in state or (state[key] is None and key in self._nullable_state_keys):
                         continue
-                    tensor = state[key]
-                    if not isinstance(tensor, torch.Tensor) or tensor.shape != param.shape:
-                        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
-                        raise ValueError(
-                            f"loaded state '{key}' of {where} has shape {shape}; the param "
-                            f"has shape {tuple(param.shape)}"
-                        )
-                    if tensor.is_complex() != param.is_complex():
-                        raise ValueError(
-                            f"loaded state '{key}' of {where} is {tensor.dtype}; the param is "
-                            f"{param.dtype}"
-                        )
+                    _backend.check_loaded_state(param, state[key], key, where)
                 if "step" in state:
-                    step = state["step"]
-                    if isinstance(step, torch.Tensor) and step.numel() != 1:
-                        raise ValueError(f"loaded state 'step' of {where} has {step.numel()} elements")
-                    value = float(step)
-                    if not (value >= 0 and value == int(value)):
-                        raise ValueError(f"loaded state 'step' of {where} is {value}")
+                    _backend.check_loaded_step(state["step"], where)
 
     def _normalize_loaded_state(self, param, state, group):
         """torch.optim leaves `step` where the checkpoint had it; fusedopt keeps it on the
         host as float32, and gives every state tensor the param's memory layout."""
         if "step" in state:
-            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device="cpu")
         for key in self._state_keys(group):
             tensor = state.get(key)
             if isinstance(tensor, torch.Tensor) and not _backend.same_layout(tensor, param):
-                state[key] = torch.empty_like(param).copy_(tensor)
+                state[key] = _backend.relaid_out(tensor, param)
+
+
+def _index_of(groups, group):
+    return next(index for index, candidate in enumerate(groups) if candidate is group)
 
 
 def tensors_like(params, zeroed):
@@ -317,8 +431,8 @@ def tensors_like(params, zeroed):
     torch allocates a tensor's bookkeeping objects on the heap right next to its
     data, so state made one tensor at a time scatters them over a page per tensor.
     Every tensor here is made empty before any gets its memory, which keeps the
-    bookkeeping of a whole group on few pages: the steady check reads it every step
-    (NOTE: [steady check] in csrc/bindings.cpp).
+    bookkeeping of a whole group on few pages: the launch check reads it every step
+    (NOTE: [launch check] in csrc/launch_check.cpp).
     """
     shells = [
         torch.empty(0, dtype=param.dtype, device=param.device) if param.is_contiguous() else None
@@ -339,53 +453,52 @@ class SteadyPlan:
 
     Once a group's state exists, its params, their storage and its state tensors do
     not change between steps; only the grads do. The plan keeps the compiled-call
-    arguments built for the group (addresses of params and states, element counts)
-    and, each step, checks in one C++ pass that the params and state tensors are still
-    the ones it was built for and that every param has a sound grad (NOTE: [steady
-    check] in csrc/bindings.cpp). Anything else (a param without grad, `p.data`
-    replaced, a state tensor swapped, mixed dtypes, non-contiguous params, the
-    reference path) takes the full per-tensor planning.
+    arguments and the launch check built for the group, and each step the check
+    verifies in C++, right before the launch, that the params and state tensors are
+    still the planned ones, and reads each param's grad (NOTE: [launch check]).
+    Anything else (a param without grad, `p.data` replaced, a state tensor swapped,
+    mixed dtypes, the reference path) takes the full planning.
     """
 
-    __slots__ = ("state_keys", "backend", "device", "check", "args", "written")
+    __slots__ = ("state_keys", "backend", "device", "check", "args", "written", "ranges")
 
     @classmethod
-    def try_build(cls, optimizer, group, batch):
-        params = batch.params
-        if len(params) != len(group["params"]) or not all(map(Tensor.is_contiguous, params)):
+    def try_build(cls, optimizer, group, batches):
+        """The plan for `group` after a full planning that produced `batches`, or None."""
+        if len(batches) != 1 or not batches[0].use_kernel:
             return None
-        kernel_args = optimizer._kernel_args(batch)
-        if len(kernel_args) != 1:
+        batch = batches[0]
+        params = batch.params
+        calls = optimizer._kernel_calls(batch)
+        if (len(calls) != 1 or len(params) != len(group["params"])
+                or any(p.grad is not g for p, g in zip(params, batch.grads))
+                or not all(map(_backend.reads_grad_plainly, params))):
+            return None
+        keys = optimizer._state_keys(group) + optimizer._counter_keys
+        states = batch.final_state_dicts()
+        if any(state.get(key) is None for state in states for key in keys):
             return None
         plan = cls()
         plan.state_keys = optimizer._state_keys(group)
         plan.backend = optimizer.backend
-        keys = plan.state_keys + (("step",) if "step" in batch.states[0] else ())
-        state_tensors = [tuple(state[key] for key in keys) for state in batch.states]
-        plan.check = _backend._C.SteadyCheck(
-            _backend.TENSOR_ATTRIBUTES, list(params), params[0].dtype, params[0].is_complex(),
-            list(batch.states), keys, state_tensors)
-        plan.written = list(params) + [tensor for tensors in state_tensors for tensor in tensors]
         plan.device = params[0].device
-        plan.args = kernel_args[0]
+        plan.args = calls[0][0]
+        state_tensors = [tuple(state[key] for key in keys) for state in states]
+        plan.check = _backend.launch_check(list(params), states, keys, state_tensors)
+        plan.written = list(params) + [tensor for tensors in state_tensors for tensor in tensors]
+        names = [batch.describe(i) for i in range(len(params))]
+        plan.ranges = [_backend.memory_range(p, name) for p, name in zip(params, names)] + [
+            _backend.memory_range(tensor, f"state '{key}' of {name}")
+            for name, tensors in zip(names, state_tensors) for key, tensor in zip(keys, tensors)]
         return plan
 
-    def still_describes(self, optimizer, group):
-        """True, with this step's grad addresses written into the kept call arguments,
-        if the plan still describes `group`; False sends the group to the full planning.
+    def usable(self, optimizer, group):
+        """Whether the plan was built for the group as it is configured now."""
+        return (optimizer._state_keys(group) == self.state_keys and optimizer.backend == self.backend
+                and type(group["params"]) is list)
 
-        The caller has checked that no entry of `optimizer.state` was replaced. Two
-        grad checks of the full planning are left out on purpose: torch itself keeps a
-        grad on its param's device (the `grad` setter and `.data` refuse others), and a
-        sparse or other non-strided grad has no data pointer, which fails the check.
-        """
-        params = group["params"]
-        if (optimizer._state_keys(group) != self.state_keys or optimizer.backend != self.backend
-                or type(params) is not list):
-            return False
-        return self.check.refresh(self.args, params)
-
-    def refresh(self, optimizer, hyper):
-        """The kept call arguments with this step's hyperparameters."""
+    def set_hyperparameters(self, optimizer, hyper):
         optimizer._set_kernel_hyperparameters(self.args, hyper)
-        return self.args
+
+    def target(self):
+        return _backend.launch_target(self.device)

@@ -48,6 +48,11 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
         if capturable:
             raise ValueError("capturable=True is not supported: fusedopt keeps the step count on the host")
         if differentiable:
@@ -80,6 +85,8 @@ class Adam(FusedOptimizer):
 
     _kernel_name = "adam_step"
     _required_state_keys = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq starts at zero if amsgrad is turned on later
+    _counter_keys = ("step",)
+    _required_group_keys = ("lr", "betas", "eps", "weight_decay")
 
     def _state_keys(self, group):
         if group.get("amsgrad", False):
@@ -116,32 +123,33 @@ class Adam(FusedOptimizer):
         amsgrad = batch.group["amsgrad"]
         moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         missing = []  # (state, key, param), in the order torch.optim.Adam creates them
-        for param, state in zip(batch.params, batch.states):
+        for param, state in zip(batch.params, batch.working):
             if "step" not in state:
                 missing += [(state, key, param) for key in moments]
             elif amsgrad and "max_exp_avg_sq" not in state:
                 missing.append((state, "max_exp_avg_sq", param))
-        fresh = [state for state in batch.states if "step" not in state]
-        steps = [torch.tensor(0.0, dtype=torch.float32) for _ in fresh]
+        fresh = [state for state in batch.working if "step" not in state]
+        steps = [torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in fresh]
         tensors = _optimizer.tensors_like([param for _, _, param in missing], zeroed=True)
         for state, step in zip(fresh, steps):
             state["step"] = step
         for (state, key, _), tensor in zip(missing, tensors):
             state[key] = tensor
 
-    def _kernel_args(self, batch):
+    def _kernel_calls(self, batch):
         args = _backend._C.AdamStepArgs()
+        states = batch.working
         args.params = [p.data_ptr() for p in batch.params]
         args.grads = [g.data_ptr() for g in batch.grads]
-        args.exp_avgs = [s["exp_avg"].data_ptr() for s in batch.states]
-        args.exp_avg_sqs = [s["exp_avg_sq"].data_ptr() for s in batch.states]
+        args.exp_avgs = [s["exp_avg"].data_ptr() for s in states]
+        args.exp_avg_sqs = [s["exp_avg_sq"].data_ptr() for s in states]
         if batch.hyper["amsgrad"]:
-            args.max_exp_avg_sqs = [s["max_exp_avg_sq"].data_ptr() for s in batch.states]
-        args.steps = [s["step"].data_ptr() for s in batch.states]
+            args.max_exp_avg_sqs = [s["max_exp_avg_sq"].data_ptr() for s in states]
+        args.steps = [s["step"].data_ptr() for s in states]
         args.numels = [_backend.kernel_numel(p) for p in batch.params]
         args.dtype = _backend.KERNEL_CODES[batch.params[0].dtype]
         self._set_kernel_hyperparameters(args, batch.hyper)
-        return [args]
+        return [(args, range(len(batch.params)))]
 
     def _set_kernel_hyperparameters(self, args, hyper):
         WeightDecay = _backend._C.WeightDecay
@@ -161,7 +169,7 @@ class Adam(FusedOptimizer):
 
     def _reference_step(self, batch):
         h = batch.hyper
-        for param, grad, state in zip(batch.params, batch.grads, batch.states):
+        for param, grad, state in zip(batch.params, batch.grads, batch.working):
             state["step"] += 1
             reference.adam_step_(
                 param,

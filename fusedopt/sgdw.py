@@ -63,6 +63,7 @@ class SGDW(FusedOptimizer):
             group.setdefault("fused", None)
 
     _kernel_name = "sgdw_step"
+    _required_group_keys = ("lr", "momentum", "dampening", "weight_decay")
     _nullable_state_keys = ("momentum_buffer",)  # None: no buffer yet, as in torch.optim.SGD
 
     def _state_keys(self, group):
@@ -86,23 +87,21 @@ class SGDW(FusedOptimizer):
             maximize=bool(group["maximize"]),
         )
 
-    def _kernel_args(self, batch):
+    def _kernel_calls(self, batch):
         h = batch.hyper
+        every = range(len(batch.params))
         if h["momentum"] == 0:
-            return [self._make_args(batch.params, batch.grads, [], h, "none")]
-        running = [i for i, s in enumerate(batch.states) if s.get("momentum_buffer") is not None]
-        first = [i for i, s in enumerate(batch.states) if s.get("momentum_buffer") is None]
+            return [(self._make_args(batch.params, batch.grads, [], h, "none"), every)]
+        states = batch.working
+        running = [i for i in every if states[i].get("momentum_buffer") is not None]
+        first = [i for i in every if states[i].get("momentum_buffer") is None]
         buffers = _optimizer.tensors_like([batch.params[i] for i in first], zeroed=False)
         for index, buffer in zip(first, buffers):
-            batch.states[index]["momentum_buffer"] = buffer
+            states[index]["momentum_buffer"] = buffer
         return [
-            self._make_args(
-                [batch.params[i] for i in indices],
-                [batch.grads[i] for i in indices],
-                [batch.states[i]["momentum_buffer"] for i in indices],
-                h,
-                mode,
-            )
+            (self._make_args([batch.params[i] for i in indices], [batch.grads[i] for i in indices],
+                             [states[i]["momentum_buffer"] for i in indices], h, mode),
+             indices)
             for indices, mode in ((running, "running"), (first, "first_step"))
             if indices
         ]
@@ -129,7 +128,7 @@ class SGDW(FusedOptimizer):
 
     def _reference_step(self, batch):
         h = batch.hyper
-        for param, grad, state in zip(batch.params, batch.grads, batch.states):
+        for param, grad, state in zip(batch.params, batch.grads, batch.working):
             buffer = state.get("momentum_buffer")
             first_step = buffer is None
             if h["momentum"] != 0 and first_step:

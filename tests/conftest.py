@@ -54,22 +54,22 @@ def max_abs_error(tensors, oracle):
 
 
 @pytest.fixture(params=["exchange", "attributes"])
-def steady_reads(request, monkeypatch):
-    """Runs a test with each way the steady-path check reads tensors (NOTE: [steady
-    check] in csrc/bindings.cpp): "exchange" through torch's DLPack C exchange API,
+def check_reads(request, monkeypatch):
+    """Runs a test with each way the launch check reads tensors (NOTE: [launch check]
+    in csrc/launch_check.cpp): "exchange" through torch's DLPack C exchange API,
     "attributes" by one attribute read per fact, as on torch without that API.
     Indirect parametrization may pass None: the test builds no steady plan."""
     if request.param is None:
         return None
-    attributes = fusedopt._backend._tensor_attributes(exchange=request.param == "exchange")
-    if request.param == "exchange" and not attributes.exchanges:
+    reads = fusedopt._backend._tensor_reads(exchange=request.param == "exchange")
+    if request.param == "exchange" and not reads.exchanges:
         pytest.skip(f"torch {torch.__version__} has no DLPack C exchange API")
-    monkeypatch.setattr(fusedopt._backend, "TENSOR_ATTRIBUTES", attributes)
+    monkeypatch.setattr(fusedopt._backend, "TENSOR_READS", reads)
     return request.param
 
 
-def assert_steady_plans_read(optimizer, steady_reads):
-    """Every cached steady plan of `optimizer` exists and reads tensors as `steady_reads` says."""
+def assert_steady_plans_read(optimizer, check_reads):
+    """Every cached steady plan of `optimizer` exists and reads tensors as `check_reads` says."""
     assert optimizer._steady_plans, "the last step took the steady path"
     for plan in optimizer._steady_plans.values():
-        assert plan.check.described == (steady_reads == "exchange")
+        assert plan.check.reads_exchange == (check_reads == "exchange")

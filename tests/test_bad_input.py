@@ -175,16 +175,16 @@ CASES = [
 
 
 # The kernel backend's good steps leave cached steady plans behind, so each breaker
-# also tests that both ways of the steady check (conftest.steady_reads) notice it.
-@pytest.mark.parametrize("backend,steady_reads",
+# also tests that both ways of the steady check (conftest.check_reads) notice it.
+@pytest.mark.parametrize("backend,check_reads",
                          [("kernel", "exchange"), ("kernel", "attributes"), ("reference", None)],
-                         indirect=["steady_reads"])
+                         indirect=["check_reads"])
 @pytest.mark.parametrize("breaker,error,message", CASES, ids=[c[0].__name__ for c in CASES])
 def test_refused_step_names_the_problem_and_changes_nothing(breaker, error, message, backend,
-                                                            steady_reads):
+                                                            check_reads):
     optimizer, groups = stepped_optimizer(backend=backend)
     if backend == "kernel":
-        assert_steady_plans_read(optimizer, steady_reads)
+        assert_steady_plans_read(optimizer, check_reads)
     for group in groups:  # new grads for the step that will be refused
         for p in group:
             p.grad = torch.randn_like(p)

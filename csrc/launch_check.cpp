@@ -1,0 +1,641 @@
+// NOTE: [launch check]
+// fusedopt's kernels write through raw addresses (docs/DESIGN.md, "Memory safety"),
+// so the last thing before every launch, in the same C++ call and with the GIL held
+// until the kernel starts, is this check. Python has validated every tensor and named
+// any problem before; this check is what makes that validation still true when the
+// kernel runs, whatever Python code ran in between (a hyperparameter's `__float__`, a
+// hook, a torch function mode, another thread between two bytecodes):
+//   * every param and state tensor is the object planned, at its planned address,
+//     with its planned device, dtype, shape and strides, dense, aligned, not lazily
+//     negated or conjugated, and inside its storage, which the check holds, so the
+//     memory stays alive even if another thread replaces `p.data` mid-kernel;
+//   * every grad is plain memory laid out like its param, inside its storage; the
+//     grads and their storages are held until the kernels return;
+//   * the call's pointer lists and element counts are exactly these tensors'.
+// Facts are read through torch's C-level descriptors (TensorReads), and the caller
+// disables `__torch_function__` around the call, so no user Python runs inside it.
+// What is not defended: `resize_()` or `set_()` on a tensor's storage by another
+// thread while its kernel runs, which frees memory under any kernel (torch's too).
+//
+// The same check serves the cached plans of the steady path (SteadyPlan in
+// fusedopt/_optimizer.py): once a group's state exists, its params and state
+// tensors do not change from step to step, only the grads do, so a check built once
+// answers each step whether the kept call arguments still hold; on no, the full
+// Python planning runs and names the problem. With thousands of tensors these reads
+// are most of a step's host time. Where torch offers the DLPack C exchange API
+// (dlpack_exchange.h), one C call describes a tensor; older torch takes one attribute
+// read per fact, about 1.8 times the host time (benchmarks/NOTES.md, v2.1).
+//
+// The pass is bound by the memory system, not by its own instructions: torch puts
+// each tensor's TensorImpl and StorageImpl next to its buffer on the heap, so with
+// state made one tensor at a time 2,000 params spread over about 8,000 distinct 4 KiB
+// pages, more than the TLB holds. fusedopt makes a group's state tensors all empty
+// before giving any its memory (fusedopt/_optimizer.py, tensors_like), which brings
+// those pages down to about 4,500. Software prefetching measured no gain and is not
+// done; the check's own expectations sit in flat arrays (benchmarks/NOTES.md, v2.3
+// and v2.4).
+#include "launch_check.h"
+
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <utility>
+
+#include "cpu/driver.h"
+#include "fusedopt/step_args.h"
+#if defined(FUSEDOPT_WITH_CUDA)
+#include "cuda/driver.h"
+#endif
+
+namespace fusedopt {
+namespace {
+
+// A new reference that is released at the end of the scope.
+struct Owned {
+  PyObject* object;
+  explicit Owned(PyObject* o) : object(o) {}
+  ~Owned() { Py_XDECREF(object); }
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+};
+
+constexpr int32_t kDLCpu = 1;
+constexpr uint8_t kDLComplex = 5;
+
+// The capsule's describe function if it is a DLPack 1.x exchange table (1.3 is the
+// first that comes as a capsule) that has one; null otherwise.
+dlpack::DescribeFunction describe_function(PyObject* capsule) {
+  if (!PyCapsule_IsValid(capsule, dlpack::kExchangeCapsuleName)) return nullptr;
+  const auto* api = static_cast<const dlpack::ExchangeApi*>(
+      PyCapsule_GetPointer(capsule, dlpack::kExchangeCapsuleName));
+  if (api == nullptr || api->header.version.major != dlpack::kMajorVersion ||
+      api->header.version.minor < dlpack::kFirstMinorWithCapsule) {
+    return nullptr;
+  }
+  return api->dltensor_from_py_object_no_sync;
+}
+
+// A Python int as an integer; false with no error left where it is none.
+bool as_int64(PyObject* object, int64_t* value) {
+  if (object == nullptr || !PyLong_Check(object)) {
+    PyErr_Clear();
+    return false;
+  }
+  *value = PyLong_AsLongLong(object);
+  if (PyErr_Occurred() != nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+bool as_address(PyObject* object, uintptr_t* value) {
+  int64_t signed_value = 0;
+  if (!as_int64(object, &signed_value)) return false;
+  *value = static_cast<uintptr_t>(signed_value);
+  return true;
+}
+
+// Fills numel, extent and density from dims (ndim sizes, then ndim strides).
+void measure(const int64_t* dims, size_t ndim, Layout* layout) {
+  int64_t numel = 1;
+  int64_t last = 0;
+  for (size_t d = 0; d < ndim; ++d) {
+    numel *= dims[d];
+    if (dims[d] > 1) last += (dims[d] - 1) * dims[ndim + d];
+  }
+  layout->numel = numel;
+  if (numel == 0) {
+    layout->extent = 0;
+    layout->dense = true;
+    return;
+  }
+  layout->extent = last + 1;
+  // Dense: the dims of size > 1, ordered by stride, are a row-major tensor's.
+  std::pair<int64_t, int64_t> by_stride[64];
+  size_t count = 0;
+  for (size_t d = 0; d < ndim; ++d) {
+    if (dims[d] == 1) continue;
+    if (count == 64 || dims[ndim + d] <= 0) {
+      layout->dense = false;
+      return;
+    }
+    by_stride[count++] = {dims[ndim + d], dims[d]};
+  }
+  std::sort(by_stride, by_stride + count);
+  int64_t expected = 1;
+  for (size_t c = 0; c < count; ++c) {
+    if (by_stride[c].first != expected) {
+      layout->dense = false;
+      return;
+    }
+    expected *= by_stride[c].second;
+  }
+  layout->dense = true;
+}
+
+// Whether the float32 step counter at `address` is a whole number >= 0: one set in
+// place to anything else (say -1, a bias correction of zero) sends the step to the
+// full planning, which refuses it and names the param.
+bool is_step_count(uintptr_t address) {
+  float step;
+  std::memcpy(&step, reinterpret_cast<const void*>(address), sizeof(step));
+  return step >= 0.0f && std::isfinite(step) && std::floor(step) == step;
+}
+
+// The state pointer lists of a call, in the order of its state keys.
+struct StateLists {
+  std::vector<uintptr_t>* lists[4];
+  size_t count = 0;
+};
+
+StateLists state_lists_of(AdamStepArgs& args) {
+  StateLists out;
+  out.lists[out.count++] = &args.exp_avgs;
+  out.lists[out.count++] = &args.exp_avg_sqs;
+  if (args.amsgrad) out.lists[out.count++] = &args.max_exp_avg_sqs;
+  out.lists[out.count++] = &args.steps;
+  return out;
+}
+
+StateLists state_lists_of(SgdwStepArgs& args) {
+  StateLists out;
+  if (args.momentum_mode != Momentum::kNone) out.lists[out.count++] = &args.momentum_buffers;
+  return out;
+}
+
+}  // namespace
+
+// -- TensorReads ---------------------------------------------------------------
+
+TensorReads::TensorReads(py::dict descriptors, py::object exchange_capsule)
+    : exchange_capsule_(exchange_capsule) {
+  py::list ordered;
+  for (int a = 0; a < kNumAttributes; ++a) {
+    const py::object descriptor = descriptors[names()[a]];
+    const bool getter = a == kGrad || a == kDtype || a == kShape;
+    const bool usable = getter ? Py_TYPE(descriptor.ptr())->tp_descr_get != nullptr
+                               : PyVectorcall_Function(descriptor.ptr()) != nullptr;
+    if (!usable) throw std::invalid_argument(std::string("TensorReads: unusable ") + names()[a]);
+    ordered.append(descriptor);
+  }
+  descriptors_ = py::tuple(ordered);
+  describe_ = describe_function(exchange_capsule.ptr());
+}
+
+const char* const* TensorReads::names() {
+  static const char* const names[kNumAttributes] = {
+      "grad", "dtype", "shape", "data_ptr", "stride", "is_neg", "is_conj", "untyped_storage",
+      "storage_data_ptr", "storage_nbytes"};
+  return names;
+}
+
+bool TensorReads::describe(PyObject* tensor, dlpack::Tensor* out) const {
+  if (describe_ == nullptr) return false;
+  if (describe_(tensor, out) != 0) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+PyObject* TensorReads::get(PyObject* object, Attribute attribute) const {
+  PyObject* const descriptor = PyTuple_GET_ITEM(descriptors_.ptr(), attribute);
+  return Py_TYPE(descriptor)->tp_descr_get(descriptor, object,
+                                           reinterpret_cast<PyObject*>(Py_TYPE(object)));
+}
+
+PyObject* TensorReads::call(PyObject* object, Attribute method) const {
+  PyObject* const arguments[1] = {object};
+  return PyObject_Vectorcall(PyTuple_GET_ITEM(descriptors_.ptr(), method), arguments, 1, nullptr);
+}
+
+int TensorReads::traverse(visitproc visit, void* arg) const {
+  Py_VISIT(descriptors_.ptr());
+  Py_VISIT(exchange_capsule_.ptr());
+  return 0;
+}
+
+// -- LaunchCheck ------------------------------------------------------------------
+
+LaunchCheck::LaunchCheck(py::object reads, py::list params, py::list state_dicts,
+                         py::tuple state_keys, py::list state_tensors)
+    : reads_owner_(reads), reads_(reads.cast<const TensorReads*>()), state_keys_(state_keys) {
+  num_params_ = params.size();
+  const size_t num_keys = state_keys_.size();
+  if (state_dicts.size() != num_params_ || state_tensors.size() != num_params_) {
+    throw std::invalid_argument("LaunchCheck: params, state_dicts and state_tensors differ in length");
+  }
+  for (size_t k = 0; k < num_keys; ++k) {
+    if (state_keys_[k].cast<std::string>() == "step") step_key_ = static_cast<Py_ssize_t>(k);
+  }
+  planned_.reserve(num_params_ * (1 + num_keys));
+  owned_.reserve(num_params_ * (2 + 2 * num_keys));
+  for (size_t i = 0; i < num_params_; ++i) {
+    const py::handle param = params[i];
+    owned_.push_back(py::reinterpret_borrow<py::object>(param));
+    owned_.push_back(py::reinterpret_borrow<py::object>(state_dicts[i]));
+    state_dicts_.push_back(state_dicts[i].ptr());
+    planned_.push_back(record(param.ptr(), param_name(i)));
+    const py::tuple tensors = state_tensors[i].cast<py::tuple>();
+    if (tensors.size() != num_keys) {
+      throw std::invalid_argument("LaunchCheck: one state tensor per state key expected");
+    }
+    for (size_t k = 0; k < num_keys; ++k) {
+      const std::string name = state_name(i, static_cast<Py_ssize_t>(k));
+      owned_.push_back(py::reinterpret_borrow<py::object>(tensors[k]));
+      Planned state = record(tensors[k].ptr(), name);
+      const Planned& of_param = planned_[i * (1 + num_keys)];
+      // record() left the state tensor's dims in scratch_.
+      const bool laid_out_like_param =
+          static_cast<Py_ssize_t>(k) == step_key_
+              ? state.layout.numel == 1 && state.layout.element_bytes == 4 && !state.layout.is_complex &&
+                    (!reads_->exchanges() || state.layout.device.device_type == kDLCpu)
+              : same_layout_as(of_param, state.layout);
+      if (!laid_out_like_param) {
+        throw py::value_error(name + (static_cast<Py_ssize_t>(k) == step_key_
+                                          ? " is not a one-element float32 host tensor"
+                                          : " is not laid out like its param"));
+      }
+      planned_.push_back(state);
+    }
+  }
+}
+
+std::string LaunchCheck::param_name(size_t index) const {
+  return "param " + std::to_string(index) + " of this call";
+}
+
+std::string LaunchCheck::state_name(size_t index, Py_ssize_t key) const {
+  return "state '" + py::str(PyTuple_GET_ITEM(state_keys_.ptr(), key)).cast<std::string>() +
+         "' of " + param_name(index);
+}
+
+bool LaunchCheck::fail(const std::string& why) {
+  failure_ = why;
+  return false;
+}
+
+bool LaunchCheck::read_layout(PyObject* tensor, Layout* layout, const std::string& name) {
+  using R = TensorReads;
+  scratch_.clear();
+  if (reads_->exchanges()) {
+    dlpack::Tensor described{};
+    if (!reads_->describe(tensor, &described)) return fail(name + " has no strided description");
+    layout->address = reinterpret_cast<uintptr_t>(described.data) + described.byte_offset;
+    layout->device = described.device;
+    layout->dtype = described.dtype;
+    layout->is_complex = described.dtype.code == kDLComplex;
+    layout->element_bytes = (static_cast<int64_t>(described.dtype.bits) * described.dtype.lanes) / 8;
+    const int32_t ndim = described.ndim;
+    scratch_.assign(described.shape, described.shape + ndim);
+    if (described.strides != nullptr) {
+      scratch_.insert(scratch_.end(), described.strides, described.strides + ndim);
+    } else {  // DLPack's compact row-major
+      scratch_.resize(2 * static_cast<size_t>(ndim));
+      int64_t stride = 1;
+      for (int32_t d = ndim - 1; d >= 0; --d) {
+        scratch_[static_cast<size_t>(ndim + d)] = stride;
+        stride *= described.shape[d];
+      }
+    }
+  } else {
+    const Owned address(reads_->call(tensor, R::kDataPtr));
+    const Owned dtype(reads_->get(tensor, R::kDtype));
+    const Owned shape(reads_->get(tensor, R::kShape));
+    const Owned strides(reads_->call(tensor, R::kStride));
+    if (!as_address(address.object, &layout->address) || dtype.object == nullptr ||
+        shape.object == nullptr || !PyTuple_Check(shape.object) || strides.object == nullptr ||
+        !PyTuple_Check(strides.object) ||
+        PyTuple_GET_SIZE(shape.object) != PyTuple_GET_SIZE(strides.object)) {
+      PyErr_Clear();
+      return fail(name + " has no strided description");
+    }
+    layout->dtype_object = dtype.object;  // torch's dtype objects live as long as torch
+    const Py_ssize_t ndim = PyTuple_GET_SIZE(shape.object);
+    scratch_.resize(2 * static_cast<size_t>(ndim));
+    for (Py_ssize_t d = 0; d < ndim; ++d) {
+      if (!as_int64(PyTuple_GET_ITEM(shape.object, d), &scratch_[static_cast<size_t>(d)]) ||
+          !as_int64(PyTuple_GET_ITEM(strides.object, d), &scratch_[static_cast<size_t>(ndim + d)])) {
+        return fail(name + " has no strided description");
+      }
+    }
+    const Owned itemsize(PyObject_GetAttrString(dtype.object, "itemsize"));
+    const Owned is_complex(PyObject_GetAttrString(dtype.object, "is_complex"));
+    if (!as_int64(itemsize.object, &layout->element_bytes) || is_complex.object == nullptr) {
+      PyErr_Clear();
+      return fail(name + " has a dtype without itemsize");
+    }
+    layout->is_complex = is_complex.object == Py_True;
+  }
+  measure(scratch_.data(), scratch_.size() / 2, layout);
+  return true;
+}
+
+const char* LaunchCheck::memory_problem(PyObject* tensor, const Layout& layout) {
+  using R = TensorReads;
+  if (!layout.dense) return " overlaps itself or has gaps in memory";
+  if (layout.numel > 0) {
+    if (layout.address == 0) return " has no memory (a null data pointer)";
+    const int64_t alignment = layout.is_complex ? layout.element_bytes / 2 : layout.element_bytes;
+    if (alignment <= 0 || layout.address % static_cast<uintptr_t>(alignment) != 0) {
+      return " is not aligned for its dtype";
+    }
+  }
+  const Owned negative(reads_->call(tensor, R::kIsNeg));
+  if (negative.object != Py_False) {
+    PyErr_Clear();
+    return " is a lazily negated view";
+  }
+  if (layout.is_complex) {
+    const Owned conjugate(reads_->call(tensor, R::kIsConj));
+    if (conjugate.object != Py_False) {
+      PyErr_Clear();
+      return " is a lazily conjugated view";
+    }
+  }
+  return nullptr;
+}
+
+bool LaunchCheck::storage_covers(PyObject* storage, const Layout& layout, uintptr_t* base,
+                                 uint64_t* needed) {
+  using R = TensorReads;
+  const Owned storage_address(reads_->call(storage, R::kStorageDataPtr));
+  const Owned storage_bytes(reads_->call(storage, R::kStorageNbytes));
+  int64_t nbytes = 0;
+  if (!as_address(storage_address.object, base) || !as_int64(storage_bytes.object, &nbytes)) {
+    return false;
+  }
+  if (layout.numel == 0) {
+    *needed = 0;
+    return true;
+  }
+  if (layout.address < *base) return false;
+  *needed = static_cast<uint64_t>(layout.address - *base) +
+            static_cast<uint64_t>(layout.extent) * static_cast<uint64_t>(layout.element_bytes);
+  return nbytes >= 0 && static_cast<uint64_t>(nbytes) >= *needed;
+}
+
+LaunchCheck::Planned LaunchCheck::record(PyObject* tensor, const std::string& name) {
+  Planned planned;
+  planned.object = tensor;
+  if (!read_layout(tensor, &planned.layout, name)) throw py::value_error(failure_);
+  if (const char* problem = memory_problem(tensor, planned.layout)) {
+    throw py::value_error(name + problem);
+  }
+  planned.dims_at = dims_.size();
+  planned.num_dims = scratch_.size();
+  dims_.insert(dims_.end(), scratch_.begin(), scratch_.end());
+  PyObject* storage = reads_->call(tensor, TensorReads::kUntypedStorage);
+  if (storage == nullptr) {
+    PyErr_Clear();
+    throw py::value_error(name + " has no storage");
+  }
+  owned_.push_back(py::reinterpret_steal<py::object>(storage));
+  planned.storage = storage;
+  if (!storage_covers(storage, planned.layout, &planned.storage_base,
+                      &planned.storage_bytes_needed)) {
+    throw py::value_error(name + " reaches beyond the end of its storage");
+  }
+  planned.kernel_numel = planned.layout.numel * (planned.layout.is_complex ? 2 : 1);
+  return planned;
+}
+
+bool LaunchCheck::same_layout_as(const Planned& planned, const Layout& layout) const {
+  const Layout& expected = planned.layout;
+  if (reads_->exchanges()) {
+    if (layout.device.device_type != expected.device.device_type ||
+        layout.device.device_id != expected.device.device_id ||
+        layout.dtype.code != expected.dtype.code || layout.dtype.bits != expected.dtype.bits ||
+        layout.dtype.lanes != expected.dtype.lanes) {
+      return false;
+    }
+  } else if (layout.dtype_object != expected.dtype_object) {
+    return false;
+  }
+  // Shapes equal, and strides equal wherever a dim has more than one element.
+  if (scratch_.size() != planned.num_dims) return false;
+  const size_t ndim = planned.num_dims / 2;
+  const int64_t* dims = dims_.data() + planned.dims_at;
+  for (size_t d = 0; d < ndim; ++d) {
+    if (scratch_[d] != dims[d]) return false;
+    if (scratch_[d] > 1 && scratch_[ndim + d] != dims[ndim + d]) return false;
+  }
+  return true;
+}
+
+bool LaunchCheck::matches(const Planned& planned, PyObject* tensor, const std::string& name) {
+  Layout now;
+  if (!read_layout(tensor, &now, name)) return false;
+  if (now.address != planned.layout.address || !same_layout_as(planned, now)) {
+    return fail(name + " is no longer at its planned address with its planned layout");
+  }
+  if (const char* problem = memory_problem(tensor, now)) return fail(name + problem);
+  uintptr_t base = 0;
+  uint64_t needed = 0;
+  if (!storage_covers(planned.storage, now, &base, &needed) || base != planned.storage_base) {
+    return fail(name + "'s storage was resized or moved");
+  }
+  return true;
+}
+
+bool LaunchCheck::verify_grad(const Planned& param, PyObject* grad, size_t index,
+                              uintptr_t* address, std::vector<py::object>* alive) {
+  const std::string name = "the grad of " + param_name(index);
+  Layout layout;
+  if (!read_layout(grad, &layout, name)) return false;
+  if (!same_layout_as(param, layout)) {
+    return fail(name + " is not laid out like its param");
+  }
+  if (const char* problem = memory_problem(grad, layout)) return fail(name + problem);
+  PyObject* storage = reads_->call(grad, TensorReads::kUntypedStorage);
+  if (storage == nullptr) {
+    PyErr_Clear();
+    return fail(name + " has no storage");
+  }
+  alive->push_back(py::reinterpret_steal<py::object>(storage));
+  uintptr_t base = 0;
+  uint64_t needed = 0;
+  if (!storage_covers(storage, layout, &base, &needed)) {
+    return fail(name + " reaches beyond the end of its storage");
+  }
+  *address = layout.address;
+  return true;
+}
+
+template <typename Args>
+bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool check_state_dicts,
+                         std::vector<py::object>* alive) {
+  failure_.clear();
+  const size_t n = num_params_;
+  const size_t num_keys = static_cast<size_t>(PyTuple_GET_SIZE(state_keys_.ptr()));
+  if (!PyList_Check(params) || static_cast<size_t>(PyList_GET_SIZE(params)) != n) {
+    return fail("the param list changed length");
+  }
+  if (grads != Py_None && (!PyList_Check(grads) || static_cast<size_t>(PyList_GET_SIZE(grads)) != n)) {
+    return fail("one grad per param expected");
+  }
+  const StateLists lists = state_lists_of(args);
+  if (args.params.size() != n || args.numels.size() != n || lists.count != num_keys) {
+    return fail("the call's lists do not match its tensors");
+  }
+  for (size_t k = 0; k < num_keys; ++k) {
+    if (lists.lists[k]->size() != n) return fail("the call's lists do not match its tensors");
+  }
+  args.grads.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const Planned* const of_param = planned_.data() + i * (1 + num_keys);
+    PyObject* const param = PyList_GET_ITEM(params, static_cast<Py_ssize_t>(i));
+    if (param != of_param->object) return fail(param_name(i) + " is not the planned param");
+    // Cheap comparisons first: most steps find everything as planned.
+    if (args.params[i] != of_param->layout.address || args.numels[i] != of_param->kernel_numel) {
+      return fail("the call's arguments for " + param_name(i) + " changed");
+    }
+    for (size_t k = 0; k < num_keys; ++k) {
+      const Planned& state = of_param[1 + k];
+      if ((*lists.lists[k])[i] != state.layout.address) {
+        return fail("the call's arguments for " + state_name(i, static_cast<Py_ssize_t>(k)) + " changed");
+      }
+      if (check_state_dicts) {
+        PyObject* const dict = state_dicts_[i];
+        if (!PyDict_Check(dict) ||
+            PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(state_keys_.ptr(), k)) != state.object) {
+          PyErr_Clear();
+          return fail(state_name(i, static_cast<Py_ssize_t>(k)) + " was replaced");
+        }
+      }
+      if (!matches(state, state.object, state_name(i, static_cast<Py_ssize_t>(k)))) return false;
+      if (static_cast<Py_ssize_t>(k) == step_key_ && state.layout.numel == 1 &&
+          !is_step_count(state.layout.address)) {
+        return fail(state_name(i, static_cast<Py_ssize_t>(k)) + " is not a whole number >= 0");
+      }
+    }
+    if (!matches(*of_param, param, param_name(i))) return false;
+    PyObject* grad = nullptr;
+    if (grads == Py_None) {
+      grad = reads_->get(param, TensorReads::kGrad);
+      if (grad == nullptr) PyErr_Clear();
+    } else {
+      grad = PyList_GET_ITEM(grads, static_cast<Py_ssize_t>(i));
+      Py_INCREF(grad);
+    }
+    if (grad == nullptr || grad == Py_None) {
+      Py_XDECREF(grad);
+      return fail(param_name(i) + " has no grad");
+    }
+    alive->push_back(py::reinterpret_steal<py::object>(grad));
+    if (!verify_grad(*of_param, grad, i, &args.grads[i], alive)) return false;
+  }
+  return true;
+}
+
+int LaunchCheck::traverse(visitproc visit, void* arg) const {
+  for (const py::object& object : owned_) Py_VISIT(object.ptr());
+  Py_VISIT(state_keys_.ptr());
+  Py_VISIT(reads_owner_.ptr());
+  return 0;
+}
+
+void LaunchCheck::clear() {
+  planned_.clear();
+  state_dicts_.clear();
+  dims_.clear();
+  num_params_ = 0;
+  owned_.clear();
+}
+
+// -- run_checked ------------------------------------------------------------------
+
+namespace {
+
+struct Target {
+  bool cuda = false;
+  int num_threads = 1;
+  int device = 0;
+  uintptr_t stream = 0;
+};
+
+Target parse_target(py::handle target) {
+  const py::tuple spec = target.cast<py::tuple>();
+  const std::string kind = spec[0].cast<std::string>();
+  Target out;
+  if (kind == "cpu" && spec.size() == 2) {
+    out.num_threads = spec[1].cast<int>();
+    return out;
+  }
+  if (kind == "cuda" && spec.size() == 3) {
+    out.cuda = true;
+    out.device = spec[1].cast<int>();
+    out.stream = spec[2].cast<uintptr_t>();
+    return out;
+  }
+  throw std::invalid_argument("target must be ('cpu', num_threads) or ('cuda', device, stream)");
+}
+
+template <typename Args>
+void launch(const Args& args, const Target& target) {
+  if (target.cuda) {
+#if defined(FUSEDOPT_WITH_CUDA)
+    if constexpr (std::is_same_v<Args, AdamStepArgs>) {
+      cuda::adam_step(args, target.device, target.stream);
+    } else {
+      cuda::sgdw_step(args, target.device, target.stream);
+    }
+    return;
+#else
+    throw std::invalid_argument("this build has no CUDA kernels");
+#endif
+  }
+  if constexpr (std::is_same_v<Args, AdamStepArgs>) {
+    cpu::adam_step(args, target.num_threads);
+  } else {
+    cpu::sgdw_step(args, target.num_threads);
+  }
+}
+
+}  // namespace
+
+int run_checked(py::list items) {
+  struct Ready {
+    AdamStepArgs* adam = nullptr;
+    SgdwStepArgs* sgdw = nullptr;
+    Target target;
+  };
+  std::vector<Ready> ready;
+  ready.reserve(items.size());
+  std::vector<py::object> alive;  // grads and their storages, until the kernels return
+  for (size_t i = 0; i < items.size(); ++i) {
+    const py::tuple item = items[i].cast<py::tuple>();
+    if (item.size() != 6) throw std::invalid_argument("run_checked: items have six fields");
+    auto& check = item[0].cast<LaunchCheck&>();
+    const py::handle args = item[1];
+    const bool check_state_dicts = item[4].cast<bool>();
+    Ready entry;
+    entry.target = parse_target(item[5]);
+    bool sound;
+    if (py::isinstance<AdamStepArgs>(args)) {
+      entry.adam = &args.cast<AdamStepArgs&>();
+      sound = check.verify(*entry.adam, item[2].ptr(), item[3].ptr(), check_state_dicts, &alive);
+    } else {
+      entry.sgdw = &args.cast<SgdwStepArgs&>();
+      sound = check.verify(*entry.sgdw, item[2].ptr(), item[3].ptr(), check_state_dicts, &alive);
+    }
+    if (!sound) return static_cast<int>(i);
+    ready.push_back(entry);
+  }
+  // `items` (held by the caller) owns the checks and arguments; `alive` the grads.
+  py::gil_scoped_release release;
+  for (const Ready& entry : ready) {
+    if (entry.adam != nullptr) {
+      launch(*entry.adam, entry.target);
+    } else {
+      launch(*entry.sgdw, entry.target);
+    }
+  }
+  return -1;
+}
+
+}  // namespace fusedopt
