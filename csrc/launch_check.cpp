@@ -12,8 +12,11 @@
 //   * every grad is plain memory laid out like its param, inside its storage; the
 //     grads and their storages are held until the kernels return;
 //   * the call's pointer lists and element counts are exactly these tensors'.
-// Facts are read through torch's C-level descriptors (TensorReads), and the caller
-// disables `__torch_function__` around the call, so no user Python runs inside it.
+// Facts are read through torch's C-level descriptors (TensorReads), the caller
+// disables `__torch_function__` around the call, and the cyclic garbage collector is
+// paused while it runs (GcPause): a collection triggered by one of its allocations
+// would run finalizers, and with them Python code and other threads, between two
+// reads. So no Python runs inside it, and no other thread.
 // What is not defended: `resize_()` or `set_()` on a tensor's storage by another
 // thread while its kernel runs, which frees memory under any kernel (torch's too).
 //
@@ -41,6 +44,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <utility>
 
@@ -52,6 +56,33 @@
 
 namespace fusedopt {
 namespace {
+
+// Pauses the cyclic garbage collector for a scope (see NOTE: [launch check]).
+class GcPause {
+ public:
+  GcPause() {
+#if PY_VERSION_HEX >= 0x030A0000
+    was_enabled_ = PyGC_Disable() == 1;
+#else
+    const py::module_ gc = py::module_::import("gc");
+    was_enabled_ = gc.attr("isenabled")().cast<bool>();
+    gc.attr("disable")();
+#endif
+  }
+  ~GcPause() {
+    if (!was_enabled_) return;
+#if PY_VERSION_HEX >= 0x030A0000
+    PyGC_Enable();
+#else
+    py::module_::import("gc").attr("enable")();
+#endif
+  }
+  GcPause(const GcPause&) = delete;
+  GcPause& operator=(const GcPause&) = delete;
+
+ private:
+  bool was_enabled_ = false;
+};
 
 // A new reference that is released at the end of the scope.
 struct Owned {
@@ -224,6 +255,7 @@ int TensorReads::traverse(visitproc visit, void* arg) const {
 LaunchCheck::LaunchCheck(py::object reads, py::list params, py::list state_dicts,
                          py::tuple state_keys, py::list state_tensors)
     : reads_owner_(reads), reads_(reads.cast<const TensorReads*>()), state_keys_(state_keys) {
+  const GcPause pause;
   num_params_ = params.size();
   const size_t num_keys = state_keys_.size();
   if (state_dicts.size() != num_params_ || state_tensors.size() != num_params_) {
@@ -607,6 +639,7 @@ int run_checked(py::list items) {
   std::vector<Ready> ready;
   ready.reserve(items.size());
   std::vector<py::object> alive;  // grads and their storages, until the kernels return
+  std::optional<GcPause> pause(std::in_place);
   for (size_t i = 0; i < items.size(); ++i) {
     const py::tuple item = items[i].cast<py::tuple>();
     if (item.size() != 6) throw std::invalid_argument("run_checked: items have six fields");
@@ -626,6 +659,7 @@ int run_checked(py::list items) {
     if (!sound) return static_cast<int>(i);
     ready.push_back(entry);
   }
+  pause.reset();  // the kernels run without the GIL: no collection can interleave them
   // `items` (held by the caller) owns the checks and arguments; `alive` the grads.
   py::gil_scoped_release release;
   for (const Ready& entry : ready) {

@@ -88,8 +88,10 @@ def launch_target(device):
 
 def launch_check(params, state_dicts, state_keys, state_tensors):
     """The launch check of one kernel call (NOTE: [launch check]): `state_tensors`
-    holds, per param, its state tensors in the order of `state_keys`."""
-    return _C.LaunchCheck(TENSOR_READS, params, state_dicts, state_keys, state_tensors)
+    holds, per param, its state tensors in the order of `state_keys`. Built with
+    `__torch_function__` off, so that no Python code runs while it reads."""
+    with torch._C.DisableTorchFunction():
+        return _C.LaunchCheck(TENSOR_READS, params, state_dicts, state_keys, state_tensors)
 
 
 def reads_grad_plainly(param):

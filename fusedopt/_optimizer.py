@@ -25,6 +25,10 @@ BACKENDS = ("auto", "kernel", "reference")
 PLANNING_ATTEMPTS = 3
 
 
+class _ChangedWhilePlanning(Exception):
+    """A tensor validated by the planning changed before its launch check was built."""
+
+
 class Batch:
     """Params of one group that share a dtype and a path (kernel or reference), with
     their grads and, per param, the state the step works on before it is committed."""
@@ -151,19 +155,23 @@ class FusedOptimizer(Optimizer):
         ):
             self._steady_plans.clear()  # an entry of self.state was added, replaced or removed
         for _ in range(PLANNING_ATTEMPTS):
-            items, owners, batches = self._plan()
+            try:
+                items, owners, batches = self._plan()
+            except _ChangedWhilePlanning as changed:
+                group, failure = changed.args
+                continue
             with torch._C.DisableTorchFunction():
                 failed = _backend._C.run_checked(items) if items else -1
             if failed < 0:
                 break
             group, plan = owners[failed]
+            failure = items[failed][0].failure
             self._steady_plans.pop(id(group), None)  # plan the group in full next time
         else:
             raise RuntimeError(
-                f"param group {_index_of(self.param_groups, group)}: {items[failed][0].failure} "
-                "between planning and launch, in every one of "
-                f"{PLANNING_ATTEMPTS} attempts (a hook, a __torch_function__ or another thread "
-                "kept changing it); nothing was stepped")
+                f"param group {_index_of(self.param_groups, group)}: {failure} between planning "
+                f"and launch, in every one of {PLANNING_ATTEMPTS} attempts (a hook, a "
+                "__torch_function__ or another thread kept changing it); nothing was stepped")
         for batch in batches:
             if batch.use_kernel:
                 batch.commit(self)
@@ -214,9 +222,12 @@ class FusedOptimizer(Optimizer):
             for args, indices in self._kernel_calls(batch):
                 params = [batch.params[i] for i in indices]
                 dicts = batch.final_state_dicts()
-                check = _backend.launch_check(
-                    params, [dicts[i] for i in indices],
-                    keys, [tuple(batch.working[i][key] for key in keys) for i in indices])
+                try:
+                    check = _backend.launch_check(
+                        params, [dicts[i] for i in indices],
+                        keys, [tuple(batch.working[i][key] for key in keys) for i in indices])
+                except ValueError as error:  # validated above: changed since
+                    raise _ChangedWhilePlanning(batch.group, str(error)) from error
                 items.append((check, args, params, [batch.grads[i] for i in indices], False, target))
                 owners.append((batch.group, None))
         return items, owners, batches
@@ -230,8 +241,11 @@ class FusedOptimizer(Optimizer):
     def _plan_group(self, group_index, group):
         """Validates one group and splits its params with grads into batches; writes nothing."""
         batches = {}
-        device = None
-        hyper = None
+        device = next((param.device for param in group["params"] if param.grad is not None), None)
+        if device is None:
+            return []
+        # User code (a hyperparameter's `__float__`) runs here, before any tensor is read.
+        hyper = self._hyperparameters(group, device)
         state_keys = self._state_keys(group)
         for param_index, param in enumerate(group["params"]):
             grad = param.grad
@@ -240,10 +254,7 @@ class FusedOptimizer(Optimizer):
             where = _backend.describe_param(group_index, param_index)
             _backend.check_tensor_type(param, where)
             _backend.check_grad(param, grad, where)
-            if device is None:
-                device = param.device
-                hyper = self._hyperparameters(group, device)
-            elif param.device != device:
+            if param.device != device:
                 raise ValueError(
                     f"param group {group_index} mixes devices ({device} and {param.device}); "
                     "put params of each device in their own group"
@@ -484,7 +495,10 @@ class SteadyPlan:
         plan.device = params[0].device
         plan.args = calls[0][0]
         state_tensors = [tuple(state[key] for key in keys) for state in states]
-        plan.check = _backend.launch_check(list(params), states, keys, state_tensors)
+        try:
+            plan.check = _backend.launch_check(list(params), states, keys, state_tensors)
+        except ValueError:  # changed since the launch (another thread): no plan
+            return None
         plan.written = list(params) + [tensor for tensors in state_tensors for tensor in tensors]
         names = [batch.describe(i) for i in range(len(params))]
         plan.ranges = [_backend.memory_range(p, name) for p, name in zip(params, names)] + [
