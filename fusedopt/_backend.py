@@ -61,6 +61,59 @@ _TENSOR_GRAD = inspect.getattr_static(torch._C.TensorBase, "grad")
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor
+
+
+DTENSOR = _dtensor_type()  # torch.distributed.tensor.DTensor, or None without torch.distributed
+
+
+def is_dtensor(tensor):
+    return DTENSOR is not None and isinstance(tensor, DTENSOR)
+
+
+def local(tensor):
+    """The memory a kernel steps for `tensor`: a DTensor's local shard (FSDP2, tensor
+    parallel), or the tensor itself."""
+    if is_dtensor(tensor):
+        with torch.no_grad():
+            return tensor.to_local()
+    return tensor
+
+
+def check_dtensor(param, other, what, where):
+    """Raises unless a DTensor param's grad or state (`what`) is a DTensor on the same
+    mesh with the same placements, and the param's placements make its local shard
+    its own data (Shard or Replicate; a Partial param's shard is a summand), so that
+    the elementwise step of local shards is the step of the whole."""
+    if not is_dtensor(param):
+        if is_dtensor(other):
+            raise ValueError(f"{what} of {where} is a DTensor but the param is a plain tensor")
+        return
+    from torch.distributed.tensor import Replicate, Shard
+    for placement in param.placements:
+        if not isinstance(placement, (Shard, Replicate)):
+            raise ValueError(
+                f"{where} is a DTensor with placements {param.placements}; fusedopt steps local "
+                "shards of Shard and Replicate placements only (a Partial shard is a summand, "
+                "not the param's data)")
+    if other is param:
+        return
+    if not is_dtensor(other):
+        raise ValueError(
+            f"{what} of {where} is a {type(other).__name__} but the param is a DTensor; load "
+            "optimizer state of sharded models through torch.distributed.checkpoint "
+            "(set_optimizer_state_dict), which makes DTensors")
+    if other.device_mesh != param.device_mesh or tuple(other.placements) != tuple(param.placements):
+        raise ValueError(
+            f"{what} of {where} is a DTensor on {other.device_mesh} with placements "
+            f"{other.placements}; the param is on {param.device_mesh} with placements "
+            f"{param.placements}: redistribute it to the param's layout first")
+
+
 def kernel_devices():
     """Device types the compiled kernels serve in this process."""
     if _C is None:
@@ -129,6 +182,7 @@ def is_dense(tensor):
 
 def same_layout(tensor, param):
     """True when `tensor` lays its elements out in memory as the dense `param` does."""
+    tensor, param = local(tensor), local(param)
     if param.is_contiguous():
         return tensor.is_contiguous()
     return tensor.stride() == param.stride()
@@ -140,17 +194,17 @@ def describe_param(group_index, param_index):
 
 def check_tensor_type(tensor, where):
     """Raises unless `tensor` keeps its own data at its data_ptr(): torch.Tensor,
-    nn.Parameter and `__torch_function__` subclasses do; wrapper subclasses (those
-    with `__torch_dispatch__`, DTensor among them) hold their data elsewhere."""
+    nn.Parameter and `__torch_function__` subclasses do, and a DTensor's local shard
+    does (the kernel steps that); other wrapper subclasses (those with
+    `__torch_dispatch__`) hold their data elsewhere."""
     if type(tensor) in PLAIN_TYPES:
         return
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{where} is a {type(tensor).__name__}, not a tensor")
+    if is_dtensor(tensor):
+        check_tensor_type(local(tensor), f"the local shard of {where}")
+        return
     if torch._C._dispatch_keys(tensor).has(torch._C.DispatchKey.Python):
-        if type(tensor).__name__ == "DTensor":
-            raise TypeError(
-                f"{where} is a DTensor (FSDP2 or tensor parallel); fusedopt does not step "
-                "DTensors yet: use torch.optim for these params")
         raise TypeError(
             f"{where} is a {type(tensor).__module__}.{type(tensor).__name__}, a tensor subclass "
             "with __torch_dispatch__ whose data does not live at its data_ptr(); fusedopt steps "
@@ -167,7 +221,9 @@ def extent_bytes(tensor):
 
 def check_memory(tensor, where):
     """Raises unless the tensor's elements lie inside its storage (a storage shrunk
-    with `untyped_storage().resize_()` leaves a tensor pointing past its end)."""
+    with `untyped_storage().resize_()` leaves a tensor pointing past its end); of a
+    DTensor, its local shard's."""
+    tensor = local(tensor)
     if tensor.numel() == 0 or tensor.device.type == "meta":
         return
     address = tensor.data_ptr()
@@ -203,6 +259,7 @@ def needs_relayout(tensor, param, use_kernel):
     """Whether the step must work on a copy of a grad or state tensor laid out like
     `param`: the kernel walks dense, aligned, plainly signed memory in the param's
     order; the reference writes state in place, which an overlapping view refuses."""
+    tensor, param = local(tensor), local(param)
     if use_kernel:
         return (not same_layout(tensor, param) or not is_aligned(tensor) or tensor.is_neg()
                 or tensor.is_conj())
@@ -210,13 +267,16 @@ def needs_relayout(tensor, param, use_kernel):
 
 
 def relaid_out(tensor, param):
-    """A copy of `tensor`'s values in fresh memory laid out like `param`."""
-    return torch.empty_like(param, memory_format=torch.preserve_format).copy_(tensor)
+    """A copy of `tensor`'s values in fresh memory laid out like `param` (a DTensor
+    like a DTensor param: its local shard laid out like the param's)."""
+    with torch.no_grad():
+        return torch.empty_like(param, memory_format=torch.preserve_format).copy_(tensor)
 
 
 def memory_range(tensor, name):
     """(first byte, one past the last, name) of a dense tensor's memory; None for
     tensors without memory to compare (empty, meta, strided views with gaps)."""
+    tensor = local(tensor)
     if tensor.numel() == 0 or tensor.device.type == "meta" or not is_dense(tensor):
         return None
     start = tensor.data_ptr()
@@ -230,6 +290,7 @@ def check_grad(param, grad, where):
             f"{where} has a sparse gradient ({grad.layout}); fusedopt supports dense gradients only"
         )
     check_tensor_type(grad, f"the gradient of {where}")
+    check_dtensor(param, grad, "the gradient", where)
     if grad.device != param.device:
         raise ValueError(f"{where} is on {param.device} but its gradient is on {grad.device}")
     if grad.dtype != param.dtype:
@@ -259,6 +320,7 @@ def check_state(param, tensor, key, where):
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"state '{key}' of {where} is {type(tensor).__name__}, not a tensor")
     check_tensor_type(tensor, f"state '{key}' of {where}")
+    check_dtensor(param, tensor, f"state '{key}'", where)
     if tensor.shape != param.shape or tensor.dtype != param.dtype or tensor.device != param.device:
         raise ValueError(
             f"state '{key}' of {where} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; "
@@ -278,6 +340,7 @@ def check_loaded_state(param, tensor, key, where):
             f"{tuple(param.shape)}"
         )
     check_tensor_type(tensor, f"loaded state '{key}' of {where}")
+    check_dtensor(param, tensor, f"loaded state '{key}'", where)
     if tensor.layout != torch.strided:
         raise ValueError(f"loaded state '{key}' of {where} is {tensor.layout}; fusedopt keeps dense state")
     if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.is_complex() != param.is_complex():

@@ -33,8 +33,8 @@ class Batch:
     """Params of one group that share a dtype and a path (kernel or reference), with
     their grads and, per param, the state the step works on before it is committed."""
 
-    __slots__ = ("group", "group_index", "hyper", "use_kernel", "params", "param_indices", "grads",
-                 "states", "working")
+    __slots__ = ("group", "group_index", "hyper", "use_kernel", "params", "kernel_params",
+                 "param_indices", "grads", "states", "working")
 
     def __init__(self, group, group_index, hyper, use_kernel):
         self.group = group
@@ -42,8 +42,9 @@ class Batch:
         self.hyper = hyper
         self.use_kernel = use_kernel
         self.params = []
+        self.kernel_params = []  # the memory stepped: the param, or a DTensor's local shard
         self.param_indices = []  # each param's index in its group, for messages
-        self.grads = []  # the tensors the kernel reads: `p.grad`, or a resolved copy
+        self.grads = []  # what the step reads: `p.grad` (its local shard), or a resolved copy
         self.states = []  # each param's state dict in optimizer.state, or None
         self.working = []  # each param's state as the step uses it (a copy of the dict)
 
@@ -65,6 +66,10 @@ class Batch:
 
     def describe(self, index):
         return _backend.describe_param(self.group_index, self.param_indices[index])
+
+    def kernel_state(self, index, key):
+        """The memory the step works on for state `key` of param `index`."""
+        return _backend.local(self.working[index][key])
 
 
 class FusedOptimizer(Optimizer):
@@ -218,14 +223,14 @@ class FusedOptimizer(Optimizer):
             if not batch.use_kernel:
                 continue
             keys = self._state_keys(batch.group) + self._counter_keys
-            target = _backend.launch_target(batch.params[0].device)
+            target = _backend.launch_target(batch.kernel_params[0].device)
             for args, indices in self._kernel_calls(batch):
-                params = [batch.params[i] for i in indices]
+                params = [batch.kernel_params[i] for i in indices]
                 dicts = batch.final_state_dicts()
                 try:
                     check = _backend.launch_check(
                         params, [dicts[i] for i in indices],
-                        keys, [tuple(batch.working[i][key] for key in keys) for i in indices])
+                        keys, [tuple(batch.kernel_state(i, key) for key in keys) for i in indices])
                 except ValueError as error:  # validated above: changed since
                     raise _ChangedWhilePlanning(batch.group, str(error)) from error
                 items.append((check, args, params, [batch.grads[i] for i in indices], False, target))
@@ -233,10 +238,11 @@ class FusedOptimizer(Optimizer):
         return items, owners, batches
 
     def _written_tensors(self, batch):
-        """The tensors a kernel call on `batch` changes in place."""
+        """The tensors a kernel call on `batch` changes in place (DTensors and their shards)."""
         keys = self._state_keys(batch.group) + self._counter_keys
-        return batch.params + [state[key] for state in batch.working for key in keys
-                               if state.get(key) is not None]
+        states = [state[key] for state in batch.working for key in keys if state.get(key) is not None]
+        written = batch.params + states
+        return written + [_backend.local(tensor) for tensor in written if _backend.is_dtensor(tensor)]
 
     def _plan_group(self, group_index, group):
         """Validates one group and splits its params with grads into batches; writes nothing."""
@@ -259,14 +265,15 @@ class FusedOptimizer(Optimizer):
                     f"param group {group_index} mixes devices ({device} and {param.device}); "
                     "put params of each device in their own group"
                 )
-            _backend.check_param(param, where)
-            if param.is_conj() or param.is_neg():
+            kernel_param = _backend.local(param)
+            _backend.check_param(kernel_param, where)
+            if kernel_param.is_conj() or kernel_param.is_neg():
                 raise ValueError(
                     f"{where} is a lazily conjugated or negated view; fusedopt steps plain "
                     "memory, so give it resolved data (p.data = p.data.resolve_conj().resolve_neg())"
                 )
             _backend.check_memory(param, where)
-            use_kernel = self._use_kernel(device, param, where)
+            use_kernel = self._use_kernel(device, kernel_param, where)
             batch = batches.get((param.dtype, use_kernel))
             if batch is None:
                 batch = batches[(param.dtype, use_kernel)] = Batch(group, group_index, hyper, use_kernel)
@@ -274,16 +281,16 @@ class FusedOptimizer(Optimizer):
             working = dict(state) if state else {}
             if state:
                 self._check_existing_state(param, state, state_keys, where)
-                for key in state_keys + self._counter_keys:
+                for key in state_keys:
                     tensor = state.get(key)
-                    if tensor is not None and key in state_keys and _backend.needs_relayout(
-                            tensor, param, use_kernel):
+                    if tensor is not None and _backend.needs_relayout(tensor, param, use_kernel):
                         working[key] = _backend.relaid_out(tensor, param)
             if _backend.needs_relayout(grad, param, use_kernel):
                 grad = _backend.relaid_out(grad, param)  # a copy that holds the values
             batch.params.append(param)
+            batch.kernel_params.append(kernel_param)
             batch.param_indices.append(param_index)
-            batch.grads.append(grad)
+            batch.grads.append(_backend.local(grad))
             batch.states.append(state)
             batch.working.append(working)
         return list(batches.values())
@@ -319,7 +326,7 @@ class FusedOptimizer(Optimizer):
         ranges = []
         for batch in batches:
             keys = self._state_keys(batch.group) + self._counter_keys
-            for index, param in enumerate(batch.params):
+            for index, param in enumerate(batch.kernel_params):
                 where = batch.describe(index)
                 ranges.append(_backend.memory_range(param, where))
                 state = batch.working[index]
@@ -446,7 +453,8 @@ def tensors_like(params, zeroed):
     (NOTE: [launch check] in csrc/launch_check.cpp).
     """
     shells = [
-        torch.empty(0, dtype=param.dtype, device=param.device) if param.is_contiguous() else None
+        torch.empty(0, dtype=param.dtype, device=param.device)
+        if param.is_contiguous() and not _backend.is_dtensor(param) else None
         for param in params
     ]
     tensors = []
@@ -480,6 +488,8 @@ class SteadyPlan:
             return None
         batch = batches[0]
         params = batch.params
+        if any(map(_backend.is_dtensor, params)):  # their grads are read through the DTensor
+            return None
         calls = optimizer._kernel_calls(batch)
         if (len(calls) != 1 or len(params) != len(group["params"])
                 or any(p.grad is not g for p, g in zip(params, batch.grads))

@@ -138,15 +138,15 @@ class Adam(FusedOptimizer):
 
     def _kernel_calls(self, batch):
         args = _backend._C.AdamStepArgs()
-        states = batch.working
-        args.params = [p.data_ptr() for p in batch.params]
+        every = range(len(batch.params))
+        args.params = [p.data_ptr() for p in batch.kernel_params]
         args.grads = [g.data_ptr() for g in batch.grads]
-        args.exp_avgs = [s["exp_avg"].data_ptr() for s in states]
-        args.exp_avg_sqs = [s["exp_avg_sq"].data_ptr() for s in states]
+        args.exp_avgs = [batch.kernel_state(i, "exp_avg").data_ptr() for i in every]
+        args.exp_avg_sqs = [batch.kernel_state(i, "exp_avg_sq").data_ptr() for i in every]
         if batch.hyper["amsgrad"]:
-            args.max_exp_avg_sqs = [s["max_exp_avg_sq"].data_ptr() for s in states]
-        args.steps = [s["step"].data_ptr() for s in states]
-        args.numels = [_backend.kernel_numel(p) for p in batch.params]
+            args.max_exp_avg_sqs = [batch.kernel_state(i, "max_exp_avg_sq").data_ptr() for i in every]
+        args.steps = [batch.kernel_state(i, "step").data_ptr() for i in every]
+        args.numels = [_backend.kernel_numel(p) for p in batch.kernel_params]
         args.dtype = _backend.KERNEL_CODES[batch.params[0].dtype]
         self._set_kernel_hyperparameters(args, batch.hyper)
         return [(args, range(len(batch.params)))]
@@ -169,14 +169,15 @@ class Adam(FusedOptimizer):
 
     def _reference_step(self, batch):
         h = batch.hyper
-        for param, grad, state in zip(batch.params, batch.grads, batch.working):
+        local = _backend.local
+        for param, grad, state in zip(batch.kernel_params, batch.grads, batch.working):
             state["step"] += 1
             reference.adam_step_(
                 param,
                 grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                state.get("max_exp_avg_sq"),
+                local(state["exp_avg"]),
+                local(state["exp_avg_sq"]),
+                local(state["max_exp_avg_sq"]) if "max_exp_avg_sq" in state else None,
                 float(state["step"]),
                 **h,
             )

@@ -91,7 +91,7 @@ class SGDW(FusedOptimizer):
         h = batch.hyper
         every = range(len(batch.params))
         if h["momentum"] == 0:
-            return [(self._make_args(batch.params, batch.grads, [], h, "none"), every)]
+            return [(self._make_args(batch.kernel_params, batch.grads, [], h, "none"), every)]
         states = batch.working
         running = [i for i in every if states[i].get("momentum_buffer") is not None]
         first = [i for i in every if states[i].get("momentum_buffer") is None]
@@ -99,8 +99,9 @@ class SGDW(FusedOptimizer):
         for index, buffer in zip(first, buffers):
             states[index]["momentum_buffer"] = buffer
         return [
-            (self._make_args([batch.params[i] for i in indices], [batch.grads[i] for i in indices],
-                             [states[i]["momentum_buffer"] for i in indices], h, mode),
+            (self._make_args([batch.kernel_params[i] for i in indices],
+                             [batch.grads[i] for i in indices],
+                             [batch.kernel_state(i, "momentum_buffer") for i in indices], h, mode),
              indices)
             for indices, mode in ((running, "running"), (first, "first_step"))
             if indices
@@ -128,13 +129,15 @@ class SGDW(FusedOptimizer):
 
     def _reference_step(self, batch):
         h = batch.hyper
-        for param, grad, state in zip(batch.params, batch.grads, batch.working):
+        for param, kernel_param, grad, state in zip(batch.params, batch.kernel_params, batch.grads,
+                                                    batch.working):
             buffer = state.get("momentum_buffer")
             first_step = buffer is None
             if h["momentum"] != 0 and first_step:
                 buffer = torch.empty_like(param, memory_format=torch.preserve_format)
                 state["momentum_buffer"] = buffer
-            reference.sgdw_step_(param, grad, buffer, first_step=first_step, **h)
+            reference.sgdw_step_(kernel_param, grad, _backend.local(buffer) if buffer is not None
+                                 else None, first_step=first_step, **h)
 
 
 def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov):

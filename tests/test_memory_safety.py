@@ -293,21 +293,27 @@ def test_wrapper_subclass_param_is_refused_naming_its_type():
         assert_unchanged(optimizer, before)
 
 
-def test_dtensor_param_is_refused_before_any_write():
+def test_dtensor_grad_with_other_placements_is_refused_before_any_write():
+    """A DTensor param steps its local shard (tests/test_distributed.py); a grad whose
+    local shard is a summand (Partial) is refused, naming the param."""
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, init_device_mesh
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         mesh = init_device_mesh("cpu", (1,))
         param = torch.nn.Parameter(DTensor.from_local(torch.randn(4), mesh, [Replicate()]))
-        param.grad = DTensor.from_local(torch.randn(4), mesh, [Replicate()])
+        plain = make_params()
+        set_grads(plain, 0)
+        param.grad = DTensor.from_local(torch.randn(4), mesh, [Partial()])
         for backend in ("kernel", "reference"):
-            optimizer = fusedopt.AdamW([param], lr=1e-2, backend=backend)
-            before = param.to_local().clone()
-            with pytest.raises(TypeError, match="param 0 of param group 0 is a DTensor"):
+            optimizer = fusedopt.AdamW(plain + [param], lr=1e-2, backend=backend)
+            before = [p.detach().clone() for p in plain] + [param.to_local().clone()]
+            with pytest.raises(ValueError, match="the gradient of param 3 of param group 0 is a "
+                                                 "DTensor on .* with placements \\(Partial"):
                 optimizer.step()
-            assert torch.equal(param.to_local(), before) and not optimizer.state
+            after = [p.detach() for p in plain] + [param.to_local()]
+            assert all(map(torch.equal, before, after)) and not optimizer.state
     finally:
         dist.destroy_process_group()
 
