@@ -363,7 +363,7 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"backend='kernel', but {reason}; use backend='auto' or 'reference'")
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"{reason}: stepping with the reference implementation", stacklevel=5)
+            warnings.warn(f"{reason}: stepping with the reference implementation", stacklevel=7)
         return False
 
     # -- checkpoints ----------------------------------------------------------------

@@ -165,8 +165,50 @@ def fsdp2_worker(rank, world_size):
                                                atol=moment_atol / (1 - 0.9), msg=where)
 
 
-def test_fsdp2_training_steps_like_torch_optim_in_every_variant():
-    spawn(fsdp2_worker)
+def tensor_parallel_worker(rank, world_size):
+    """Megatron-style column then row parallel linears: weights Shard(0) and Shard(1),
+    the last bias Replicate."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+        return parallelize_module(model, mesh, plan)
+
+    for name, (make_ours, make_theirs, update_bound) in OPTIMIZERS.items():
+        ours_model, theirs_model = make(), make()
+        ours_params, theirs_params = list(ours_model.parameters()), list(theirs_model.parameters())
+        placements = {str(p.placements) for p in ours_params}
+        assert {"(Shard(dim=0),)", "(Shard(dim=1),)", "(Replicate(),)"} <= placements
+        ours, theirs = make_ours(ours_params), make_theirs(theirs_params)
+        initial_scale = max(full(p).abs().max().item() for p in ours_params)
+        grad_scale = 0.0
+        for step in range(STEPS):
+            x, _ = batch(0, step)  # tensor parallel ranks share the batch
+            ours_model(x).square().mean().backward()
+            for p, q in zip(ours_params, theirs_params):
+                q.grad = p.grad.detach().clone()
+                grad_scale = max(grad_scale, full(p.grad).abs().max().item())
+            ours.step()
+            theirs.step()
+            ours.zero_grad()
+        atol = trajectory_atol(initial_scale, update_bound(grad_scale), STEPS)
+        assert not ours._warned
+        for p, q in zip(ours_params, theirs_params):
+            torch.testing.assert_close(full(p), full(q), rtol=0, atol=atol, msg=f"rank {rank}, TP, {name}")
+
+
+def fsdp2_and_tensor_parallel_worker(rank, world_size):
+    fsdp2_worker(rank, world_size)
+    tensor_parallel_worker(rank, world_size)
+
+
+def test_fsdp2_and_tensor_parallel_training_steps_like_torch_optim():
+    spawn(fsdp2_and_tensor_parallel_worker)
 
 
 # -- DCP: save, load, reshard ---------------------------------------------------------------

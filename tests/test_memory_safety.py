@@ -465,6 +465,7 @@ def test_sgdw_with_a_step_entry_in_some_states_steps_every_time():
     assert_same(params, expected)
 
 
+@pytest.mark.filterwarnings("ignore:fusedopt kernels do not step torch.float64")
 def test_expanded_state_on_the_reference_path_steps_with_its_values():
     params = make_params(dtype=torch.float64)
     expected = make_params(dtype=torch.float64)
