@@ -78,9 +78,8 @@ def is_dtensor(tensor):
 def local(tensor):
     """The memory a kernel steps for `tensor`: a DTensor's local shard (FSDP2, tensor
     parallel), or the tensor itself."""
-    if is_dtensor(tensor):
-        with torch.no_grad():
-            return tensor.to_local()
+    if DTENSOR is not None and isinstance(tensor, DTENSOR):
+        return tensor._local_tensor  # what to_local() returns outside autograd
     return tensor
 
 

@@ -208,11 +208,13 @@ class FusedOptimizer(Optimizer):
             plan = self._steady_plans.get(id(group))
             if plan is not None and plan.usable(self, group):
                 plan.set_hyperparameters(self, self._hyperparameters(group, plan.device))
-                items.append((plan.check, plan.args, group["params"], None, True, plan.target()))
-                owners.append((group, plan))
-            else:
-                self._steady_plans.pop(id(group), None)
-                planned.append((group_index, group))
+                item = plan.item(group)
+                if item is not None:
+                    items.append(item)
+                    owners.append((group, plan))
+                    continue
+            self._steady_plans.pop(id(group), None)
+            planned.append((group_index, group))
         if not planned:
             return items, owners, batches
         for group_index, group in planned:
@@ -475,11 +477,15 @@ class SteadyPlan:
     arguments and the launch check built for the group, and each step the check
     verifies in C++, right before the launch, that the params and state tensors are
     still the planned ones, and reads each param's grad (NOTE: [launch check]).
+    Groups with DTensor params (FSDP2, tensor parallel) keep their params' and
+    states' local shards in the check; each step Python finds the grads' local
+    shards and checks that params, state entries and placements are as planned.
     Anything else (a param without grad, `p.data` replaced, a state tensor swapped,
     mixed dtypes, the reference path) takes the full planning.
     """
 
-    __slots__ = ("state_keys", "backend", "device", "check", "args", "written", "ranges")
+    __slots__ = ("state_keys", "backend", "device", "check", "args", "written", "ranges",
+                 "params", "shards")
 
     @classmethod
     def try_build(cls, optimizer, group, batches):
@@ -488,11 +494,9 @@ class SteadyPlan:
             return None
         batch = batches[0]
         params = batch.params
-        if any(map(_backend.is_dtensor, params)):  # their grads are read through the DTensor
-            return None
         calls = optimizer._kernel_calls(batch)
         if (len(calls) != 1 or len(params) != len(group["params"])
-                or any(p.grad is not g for p, g in zip(params, batch.grads))
+                or any(_backend.local(p.grad) is not g for p, g in zip(params, batch.grads))
                 or not all(map(_backend.reads_grad_plainly, params))):
             return None
         keys = optimizer._state_keys(group) + optimizer._counter_keys
@@ -502,14 +506,23 @@ class SteadyPlan:
         plan = cls()
         plan.state_keys = optimizer._state_keys(group)
         plan.backend = optimizer.backend
-        plan.device = params[0].device
+        plan.device = batch.kernel_params[0].device
         plan.args = calls[0][0]
         state_tensors = [tuple(state[key] for key in keys) for state in states]
+        shards = [tuple(map(_backend.local, tensors)) for tensors in state_tensors]
         try:
-            plan.check = _backend.launch_check(list(params), states, keys, state_tensors)
+            plan.check = _backend.launch_check(list(batch.kernel_params), states, keys, shards)
         except ValueError:  # changed since the launch (another thread): no plan
             return None
-        plan.written = list(params) + [tensor for tensors in state_tensors for tensor in tensors]
+        plan.params, plan.shards = None, None
+        if any(map(_backend.is_dtensor, params)):
+            plan.params = list(params)
+            plan.shards = [(kernel_param, [(state, key, tensor, shard)
+                                           for key, tensor, shard in zip(keys, tensors, local_states)])
+                           for kernel_param, state, tensors, local_states
+                           in zip(batch.kernel_params, states, state_tensors, shards)]
+        written = list(params) + [tensor for tensors in state_tensors for tensor in tensors]
+        plan.written = written + [_backend.local(t) for t in written if _backend.is_dtensor(t)]
         names = [batch.describe(i) for i in range(len(params))]
         plan.ranges = [_backend.memory_range(p, name) for p, name in zip(params, names)] + [
             _backend.memory_range(tensor, f"state '{key}' of {name}")
@@ -524,5 +537,28 @@ class SteadyPlan:
     def set_hyperparameters(self, optimizer, hyper):
         optimizer._set_kernel_hyperparameters(self.args, hyper)
 
-    def target(self):
-        return _backend.launch_target(self.device)
+    def item(self, group):
+        """This step's run_checked item, or None where the group no longer fits the plan."""
+        target = _backend.launch_target(self.device)
+        if self.shards is None:  # the check reads the grads itself
+            return (self.check, self.args, group["params"], None, True, target)
+        params = group["params"]
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return None
+        kernel_params, grads = [], []
+        for param, (kernel_param, states) in zip(params, self.shards):
+            grad = param.grad
+            if _backend.is_dtensor(param):
+                if not (_backend.is_dtensor(grad) and grad.device_mesh is param.device_mesh
+                        and grad.placements == param.placements
+                        and param._local_tensor is kernel_param):
+                    return None
+                grad = grad._local_tensor
+            elif grad is None:
+                return None
+            for state, key, tensor, shard in states:
+                if state.get(key) is not tensor or (shard is not tensor and tensor._local_tensor is not shard):
+                    return None
+            kernel_params.append(kernel_param)
+            grads.append(grad)
+        return (self.check, self.args, kernel_params, grads, False, target)

@@ -150,6 +150,7 @@ def fsdp2_worker(rank, world_size):
             atol = trajectory_atol(initial_scale, update_bound(grad_scale), STEPS)
             where = f"rank {rank}, {variant_name}, {name}"
             assert not ours._warned, f"{where}: fell back to the reference ({ours._warned})"
+            assert ours._steady_plans, f"{where}: the last step did not take a cached plan"
             for p, q in zip(ours_params, theirs_params):
                 torch.testing.assert_close(full(p), full(q), rtol=0, atol=atol, msg=where)
             for p, q in zip(ours_params, theirs_params):
@@ -355,6 +356,13 @@ def refusal_worker(rank, world_size):
     def replicated_grad(optimizer, param):
         param.grad = distribute_tensor(torch.randn(8, 3), mesh, [Replicate()])
 
+    def replicated_grad_under_a_cached_plan(optimizer, param):
+        for _ in range(2):
+            param.grad = distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)])
+            optimizer.step()
+        assert optimizer._steady_plans
+        replicated_grad(optimizer, param)
+
     def plain_state(optimizer, param):
         param.grad = distribute_tensor(torch.randn(8, 3), mesh, [Shard(0)])
         optimizer.state[param].update(step=torch.tensor(1.0), exp_avg=torch.zeros(8, 3),
@@ -368,6 +376,8 @@ def refusal_worker(rank, world_size):
 
     cases = [
         (sharded_param, replicated_grad,
+         r"the gradient of param 0 of param group 0 is a DTensor on .* with placements \(Replicate"),
+        (sharded_param, replicated_grad_under_a_cached_plan,
          r"the gradient of param 0 of param group 0 is a DTensor on .* with placements \(Replicate"),
         (sharded_param, plain_state,
          "state 'exp_avg' of param 0 of param group 0 is a Tensor but the param is a DTensor"),
