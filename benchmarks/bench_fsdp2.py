@@ -69,6 +69,7 @@ def worker(rank, world_size, port, args, queue):
                 times[name].append(elapsed)
     queue.put({"rank": rank, "local_params": local_params,
                "median_ms": {name: 1e3 * statistics.median(t) for name, t in times.items()}})
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -142,7 +142,8 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<fusedopt::TensorReads>(m, "TensorReads",
                                     "C-level reads of tensor facts (NOTE: [launch check])")
-      .def(py::init<py::dict, py::object>(), py::arg("descriptors"), py::arg("exchange_capsule"))
+      .def(py::init<py::dict, py::object, py::dict>(), py::arg("descriptors"),
+           py::arg("exchange_capsule"), py::arg("kernel_dtypes"))
       .def_property_readonly_static(
           "names", [](py::object) {
             std::vector<std::string> names(fusedopt::TensorReads::names(),
@@ -163,10 +164,10 @@ PYBIND11_MODULE(_C, m) {
                              "Whether it reads tensors through the DLPack C exchange API.")
       .def_property_readonly("failure", &fusedopt::LaunchCheck::failure,
                              "Why the last verification answered no.");
-  m.def("run_checked", &fusedopt::run_checked, py::arg("items"),
+  m.def("run_checked", &fusedopt::run_checked, py::arg("items"), py::arg("launched"),
         "Verifies every (check, args, params, grads, check_state_dicts, target) item, then "
-        "launches all with the GIL released; -1, or the index of the first item that failed "
-        "(nothing launched). NOTE: [launch check].");
+        "appends True to `launched` and launches all with the GIL released; -1, or the index "
+        "of the first item that failed (nothing launched). NOTE: [launch check].");
 
   py::module_ cpu = m.def_submodule("cpu", "C++ CPU kernels");
   cpu.def("adam_step", &fusedopt::cpu::adam_step, py::arg("args"), py::arg("num_threads"),

@@ -94,6 +94,10 @@ struct Owned {
 };
 
 constexpr int32_t kDLCpu = 1;
+constexpr int32_t kDLCuda = 2;
+constexpr int32_t kOtherDevice = -1;  // attribute reads of a device that is neither
+constexpr uint8_t kDLFloat = 2;
+constexpr uint8_t kDLBfloat = 4;
 constexpr uint8_t kDLComplex = 5;
 
 // The capsule's describe function if it is a DLPack 1.x exchange table (1.3 is the
@@ -202,12 +206,12 @@ StateLists state_lists_of(SgdwStepArgs& args) {
 
 // -- TensorReads ---------------------------------------------------------------
 
-TensorReads::TensorReads(py::dict descriptors, py::object exchange_capsule)
+TensorReads::TensorReads(py::dict descriptors, py::object exchange_capsule, py::dict kernel_dtypes)
     : exchange_capsule_(exchange_capsule) {
   py::list ordered;
   for (int a = 0; a < kNumAttributes; ++a) {
     const py::object descriptor = descriptors[names()[a]];
-    const bool getter = a == kGrad || a == kDtype || a == kShape;
+    const bool getter = a == kGrad || a == kDtype || a == kShape || a == kDevice;
     const bool usable = getter ? Py_TYPE(descriptor.ptr())->tp_descr_get != nullptr
                                : PyVectorcall_Function(descriptor.ptr()) != nullptr;
     if (!usable) throw std::invalid_argument(std::string("TensorReads: unusable ") + names()[a]);
@@ -215,12 +219,40 @@ TensorReads::TensorReads(py::dict descriptors, py::object exchange_capsule)
   }
   descriptors_ = py::tuple(ordered);
   describe_ = describe_function(exchange_capsule.ptr());
+  for (const auto& item : kernel_dtypes) {
+    kernel_dtypes_.emplace_back(item.first.ptr(), item.second.cast<int>());
+  }
+  float32_ = py::module_::import("torch").attr("float32").ptr();
+}
+
+int TensorReads::kernel_dtype(const Layout& layout) const {
+  if (exchanges()) {
+    const dlpack::DataType& t = layout.dtype;
+    if (t.lanes != 1) return -1;
+    if ((t.code == kDLFloat && t.bits == 32) || (t.code == kDLComplex && t.bits == 64)) {
+      return static_cast<int>(ScalarType::kFloat32);
+    }
+    if (t.code == kDLBfloat && t.bits == 16) return static_cast<int>(ScalarType::kBFloat16);
+    if (t.code == kDLFloat && t.bits == 16) return static_cast<int>(ScalarType::kFloat16);
+    return -1;
+  }
+  for (const auto& [dtype, code] : kernel_dtypes_) {
+    if (dtype == layout.dtype_object) return code;
+  }
+  return -1;
+}
+
+bool TensorReads::is_float32(const Layout& layout) const {
+  if (exchanges()) {
+    return layout.dtype.code == kDLFloat && layout.dtype.bits == 32 && layout.dtype.lanes == 1;
+  }
+  return layout.dtype_object == float32_;
 }
 
 const char* const* TensorReads::names() {
   static const char* const names[kNumAttributes] = {
-      "grad", "dtype", "shape", "data_ptr", "stride", "is_neg", "is_conj", "untyped_storage",
-      "storage_data_ptr", "storage_nbytes"};
+      "grad", "dtype", "shape", "device", "data_ptr", "stride", "is_neg", "is_conj",
+      "untyped_storage", "storage_data_ptr", "storage_nbytes"};
   return names;
 }
 
@@ -242,12 +274,6 @@ PyObject* TensorReads::get(PyObject* object, Attribute attribute) const {
 PyObject* TensorReads::call(PyObject* object, Attribute method) const {
   PyObject* const arguments[1] = {object};
   return PyObject_Vectorcall(PyTuple_GET_ITEM(descriptors_.ptr(), method), arguments, 1, nullptr);
-}
-
-int TensorReads::traverse(visitproc visit, void* arg) const {
-  Py_VISIT(descriptors_.ptr());
-  Py_VISIT(exchange_capsule_.ptr());
-  return 0;
 }
 
 // -- LaunchCheck ------------------------------------------------------------------
@@ -284,8 +310,8 @@ LaunchCheck::LaunchCheck(py::object reads, py::list params, py::list state_dicts
       // record() left the state tensor's dims in scratch_.
       const bool laid_out_like_param =
           static_cast<Py_ssize_t>(k) == step_key_
-              ? state.layout.numel == 1 && state.layout.element_bytes == 4 && !state.layout.is_complex &&
-                    (!reads_->exchanges() || state.layout.device.device_type == kDLCpu)
+              ? state.layout.numel == 1 && reads_->is_float32(state.layout) &&
+                    state.layout.device.device_type == kDLCpu
               : same_layout_as(of_param, state.layout);
       if (!laid_out_like_param) {
         throw py::value_error(name + (static_cast<Py_ssize_t>(k) == step_key_
@@ -304,6 +330,21 @@ std::string LaunchCheck::param_name(size_t index) const {
 std::string LaunchCheck::state_name(size_t index, Py_ssize_t key) const {
   return "state '" + py::str(PyTuple_GET_ITEM(state_keys_.ptr(), key)).cast<std::string>() +
          "' of " + param_name(index);
+}
+
+PyObject* LaunchCheck::state_entry(PyObject* dict, Py_ssize_t k) const {
+  if (!PyDict_Check(dict)) return nullptr;
+  PyObject* const wanted = PyTuple_GET_ITEM(state_keys_.ptr(), k);
+  Py_ssize_t position = 0;
+  PyObject* key = nullptr;
+  PyObject* value = nullptr;
+  while (PyDict_Next(dict, &position, &key, &value)) {
+    // Exact str keys compare in C; any other key is not a state key.
+    if (key == wanted || (PyUnicode_CheckExact(key) && PyUnicode_Compare(key, wanted) == 0)) {
+      return value;
+    }
+  }
+  return nullptr;
 }
 
 bool LaunchCheck::fail(const std::string& why) {
@@ -335,6 +376,22 @@ bool LaunchCheck::read_layout(PyObject* tensor, Layout* layout, const std::strin
       }
     }
   } else {
+    const Owned device(reads_->get(tensor, R::kDevice));
+    const Owned device_type(device.object ? PyObject_GetAttrString(device.object, "type") : nullptr);
+    const Owned device_index(device.object ? PyObject_GetAttrString(device.object, "index") : nullptr);
+    int64_t index = 0;
+    if (device_type.object == nullptr || !PyUnicode_Check(device_type.object) ||
+        device_index.object == nullptr ||
+        (device_index.object != Py_None && !as_int64(device_index.object, &index))) {
+      PyErr_Clear();
+      return fail(name + " has no device");
+    }
+    layout->device.device_type = PyUnicode_CompareWithASCIIString(device_type.object, "cpu") == 0
+                                     ? kDLCpu
+                                     : PyUnicode_CompareWithASCIIString(device_type.object, "cuda") == 0
+                                           ? kDLCuda
+                                           : kOtherDevice;
+    layout->device.device_id = static_cast<int32_t>(index);
     const Owned address(reads_->call(tensor, R::kDataPtr));
     const Owned dtype(reads_->get(tensor, R::kDtype));
     const Owned shape(reads_->get(tensor, R::kShape));
@@ -433,27 +490,34 @@ LaunchCheck::Planned LaunchCheck::record(PyObject* tensor, const std::string& na
     throw py::value_error(name + " reaches beyond the end of its storage");
   }
   planned.kernel_numel = planned.layout.numel * (planned.layout.is_complex ? 2 : 1);
+  planned.kernel_dtype = reads_->kernel_dtype(planned.layout);
   return planned;
 }
 
 bool LaunchCheck::same_layout_as(const Planned& planned, const Layout& layout) const {
   const Layout& expected = planned.layout;
+  if (layout.device.device_type != expected.device.device_type ||
+      layout.device.device_id != expected.device.device_id) {
+    return false;
+  }
   if (reads_->exchanges()) {
-    if (layout.device.device_type != expected.device.device_type ||
-        layout.device.device_id != expected.device.device_id ||
-        layout.dtype.code != expected.dtype.code || layout.dtype.bits != expected.dtype.bits ||
+    if (layout.dtype.code != expected.dtype.code || layout.dtype.bits != expected.dtype.bits ||
         layout.dtype.lanes != expected.dtype.lanes) {
       return false;
     }
   } else if (layout.dtype_object != expected.dtype_object) {
     return false;
   }
-  // Shapes equal, and strides equal wherever a dim has more than one element.
+  // Shapes equal, and, for tensors with elements, strides equal wherever a dim has
+  // more than one element (an empty tensor's strides say nothing about memory).
   if (scratch_.size() != planned.num_dims) return false;
   const size_t ndim = planned.num_dims / 2;
   const int64_t* dims = dims_.data() + planned.dims_at;
   for (size_t d = 0; d < ndim; ++d) {
     if (scratch_[d] != dims[d]) return false;
+  }
+  if (expected.numel == 0) return true;
+  for (size_t d = 0; d < ndim; ++d) {
     if (scratch_[d] > 1 && scratch_[ndim + d] != dims[ndim + d]) return false;
   }
   return true;
@@ -523,21 +587,18 @@ bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool che
     PyObject* const param = PyList_GET_ITEM(params, static_cast<Py_ssize_t>(i));
     if (param != of_param->object) return fail(param_name(i) + " is not the planned param");
     // Cheap comparisons first: most steps find everything as planned.
-    if (args.params[i] != of_param->layout.address || args.numels[i] != of_param->kernel_numel) {
-      return fail("the call's arguments for " + param_name(i) + " changed");
+    if (args.params[i] != of_param->layout.address || args.numels[i] != of_param->kernel_numel ||
+        static_cast<int>(args.dtype) != of_param->kernel_dtype) {
+      return fail("the call's arguments for " + param_name(i) + " do not describe it");
     }
     for (size_t k = 0; k < num_keys; ++k) {
       const Planned& state = of_param[1 + k];
       if ((*lists.lists[k])[i] != state.layout.address) {
         return fail("the call's arguments for " + state_name(i, static_cast<Py_ssize_t>(k)) + " changed");
       }
-      if (check_state_dicts) {
-        PyObject* const dict = state_dicts_[i];
-        if (!PyDict_Check(dict) ||
-            PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(state_keys_.ptr(), k)) != state.object) {
-          PyErr_Clear();
-          return fail(state_name(i, static_cast<Py_ssize_t>(k)) + " was replaced");
-        }
+      if (check_state_dicts &&
+          state_entry(state_dicts_[i], static_cast<Py_ssize_t>(k)) != state.object) {
+        return fail(state_name(i, static_cast<Py_ssize_t>(k)) + " was replaced");
       }
       if (!matches(state, state.object, state_name(i, static_cast<Py_ssize_t>(k)))) return false;
       if (static_cast<Py_ssize_t>(k) == step_key_ && state.layout.numel == 1 &&
@@ -630,7 +691,7 @@ void launch(const Args& args, const Target& target) {
 
 }  // namespace
 
-int run_checked(py::list items) {
+int run_checked(py::list items, py::list launched) {
   struct Ready {
     AdamStepArgs* adam = nullptr;
     SgdwStepArgs* sgdw = nullptr;
@@ -657,8 +718,18 @@ int run_checked(py::list items) {
       sound = check.verify(*entry.sgdw, item[2].ptr(), item[3].ptr(), check_state_dicts, &alive);
     }
     if (!sound) return static_cast<int>(i);
+    // The target comes from Python's view of the device, which a subclass can bend.
+    const dlpack::Device device = check.params_device();
+    const bool on_target =
+        device.device_type == LaunchCheck::kNoDevice ||
+        (entry.target.cuda ? device.device_type == kDLCuda && device.device_id == entry.target.device
+                           : device.device_type == kDLCpu);
+    if (!on_target) {
+      throw std::invalid_argument("run_checked: a call's target is not its tensors' device");
+    }
     ready.push_back(entry);
   }
+  launched.append(true);
   pause.reset();  // the kernels run without the GIL: no collection can interleave them
   // `items` (held by the caller) owns the checks and arguments; `alive` the grads.
   py::gil_scoped_release release;

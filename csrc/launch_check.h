@@ -24,13 +24,14 @@ namespace py = pybind11;
 class TensorReads {
  public:
   enum Attribute {
-    kGrad, kDtype, kShape, kDataPtr, kStride, kIsNeg, kIsConj, kUntypedStorage,
+    kGrad, kDtype, kShape, kDevice, kDataPtr, kStride, kIsNeg, kIsConj, kUntypedStorage,
     kStorageDataPtr, kStorageNbytes, kNumAttributes
   };
 
   // `descriptors` maps each name of names() to its descriptor; `exchange_capsule` is
-  // torch.Tensor's `__dlpack_c_exchange_api__`, or None to read attribute by attribute.
-  TensorReads(py::dict descriptors, py::object exchange_capsule);
+  // torch.Tensor's `__dlpack_c_exchange_api__`, or None to read attribute by attribute;
+  // `kernel_dtypes` maps the torch dtypes the kernels step to their ScalarType codes.
+  TensorReads(py::dict descriptors, py::object exchange_capsule, py::dict kernel_dtypes);
 
   static const char* const* names();
 
@@ -46,10 +47,16 @@ class TensorReads {
   PyObject* get(PyObject* object, Attribute attribute) const;
   PyObject* call(PyObject* object, Attribute method) const;
 
-  int traverse(visitproc visit, void* arg) const;
+  // The ScalarType code the kernels step a layout's dtype as, or -1.
+  int kernel_dtype(const struct Layout& layout) const;
+
+  // Whether a layout is float32 (a step counter's dtype).
+  bool is_float32(const struct Layout& layout) const;
 
  private:
   py::tuple descriptors_;  // in Attribute order
+  std::vector<std::pair<PyObject*, int>> kernel_dtypes_;  // borrowed dtypes: torch keeps them
+  PyObject* float32_ = nullptr;
   py::object exchange_capsule_;  // keeps describe_'s table alive
   dlpack::DescribeFunction describe_ = nullptr;
 };
@@ -59,7 +66,7 @@ struct Layout {
   uintptr_t address = 0;     // of the first element
   dlpack::Device device{};   // exchange reads only
   dlpack::DataType dtype{};  // exchange reads only
-  PyObject* dtype_object = nullptr;  // attribute reads only (borrowed: torch's dtypes are immortal)
+  PyObject* dtype_object = nullptr;  // attribute reads only (borrowed: torch keeps its dtypes)
   int64_t element_bytes = 0;  // of one scalar (a complex number's two reals count as two)
   bool is_complex = false;
   int64_t numel = 0;
@@ -77,6 +84,12 @@ class LaunchCheck {
   // sound plain memory, or a state tensor not laid out like its param.
   LaunchCheck(py::object reads, py::list params, py::list state_dicts, py::tuple state_keys,
               py::list state_tensors);
+
+  // The device of the planned params (all share it), as DLPack names devices.
+  dlpack::Device params_device() const {
+    return planned_.empty() ? dlpack::Device{kNoDevice, 0} : planned_.front().layout.device;
+  }
+  static constexpr int32_t kNoDevice = 0;
 
   // Whether the check reads tensors through the DLPack exchange API.
   bool reads_exchange() const { return reads_->exchanges(); }
@@ -106,6 +119,7 @@ class LaunchCheck {
     uintptr_t storage_base = 0;
     uint64_t storage_bytes_needed = 0;  // from the storage's base to the end of the extent
     int64_t kernel_numel = 0;
+    int kernel_dtype = -1;  // ScalarType code, or -1 for dtypes no kernel steps
   };
 
   // Reads the tensor's layout, its dims (shape, then strides) into scratch_; false
@@ -122,6 +136,9 @@ class LaunchCheck {
   bool verify_grad(const Planned& param, PyObject* grad, size_t index, uintptr_t* address,
                    std::vector<py::object>* alive);
   bool fail(const std::string& why);
+  // The state dict's value under state key k, found without calling any Python
+  // (a user key's `__eq__` could run anything); null if there is none.
+  PyObject* state_entry(PyObject* dict, Py_ssize_t k) const;
   std::string param_name(size_t index) const;
   std::string state_name(size_t index, Py_ssize_t key) const;
 
@@ -141,7 +158,9 @@ class LaunchCheck {
 // Verifies every item, then launches all with the GIL released: -1 when all were
 // launched, else the index of the first item that failed verification (nothing was
 // launched). Each item is (check, args, params, grads or None, check_state_dicts,
-// target), target ("cpu", num_threads) or ("cuda", device, stream).
-int run_checked(py::list items);
+// target), target ("cpu", num_threads) or ("cuda", device, stream). `launched` gets
+// True appended right before the first launch, so that a caller interrupted by a
+// signal as the call returns still knows that the kernels ran.
+int run_checked(py::list items, py::list launched);
 
 }  // namespace fusedopt

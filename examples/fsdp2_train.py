@@ -85,6 +85,7 @@ def main():
         dcp.save(state, checkpoint_id=args.checkpoint)
         if rank == 0:
             print(f"saved {args.checkpoint}")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -1,9 +1,12 @@
-"""The one place that checks tensors before their addresses reach the compiled core.
+"""The checks of tensors before their addresses reach the compiled core, and the
+glue between the optimizers and fusedopt._C.
 
-fusedopt._C takes raw pointers and element counts (DESIGN.md 1.1), so everything
-that makes a pointer safe to use is verified here, in Python, before any write:
-device, dtype, layout, shapes of grads and states. Problems raise ValueError or
-TypeError naming the parameter and the problem.
+fusedopt._C takes raw pointers and element counts (docs/DESIGN.md, "Memory safety"):
+the planning validates here, in Python, everything that makes a pointer safe and
+names any problem (device, dtype, layout, storage extent, subclasses, DTensor
+placements, checkpoints) before any write; the launch check (csrc/launch_check.cpp)
+verifies the same facts again in the call that launches. Problems raise ValueError
+or TypeError naming the parameter and the problem.
 """
 import inspect
 import math
@@ -53,7 +56,8 @@ def _tensor_reads(exchange=True):
     descriptors = {name: inspect.getattr_static(*owners.get(name, (torch._C.TensorBase, name)))
                    for name in _C.TensorReads.names}
     capsule = inspect.getattr_static(torch.Tensor, "__dlpack_c_exchange_api__", None)
-    return _C.TensorReads(descriptors, capsule if exchange else None)
+    kernel_dtypes = {dtype: int(code) for dtype, code in _kernel_codes().items()}
+    return _C.TensorReads(descriptors, capsule if exchange else None, kernel_dtypes)
 
 
 TENSOR_READS = _tensor_reads()
@@ -256,12 +260,14 @@ def check_aligned(param, where):
 
 def needs_relayout(tensor, param, use_kernel):
     """Whether the step must work on a copy of a grad or state tensor laid out like
-    `param`: the kernel walks dense, aligned, plainly signed memory in the param's
-    order; the reference writes state in place, which an overlapping view refuses."""
+    `param`: the kernel walks dense, aligned memory in the param's order; the
+    reference writes state in place, which an overlapping view refuses; neither reads
+    a lazily negated or conjugated view as its values."""
     tensor, param = local(tensor), local(param)
+    if tensor.is_neg() or tensor.is_conj():
+        return True  # both paths read and write plain values
     if use_kernel:
-        return (not same_layout(tensor, param) or not is_aligned(tensor) or tensor.is_neg()
-                or tensor.is_conj())
+        return not same_layout(tensor, param) or not is_aligned(tensor)
     return overlaps_itself(tensor)
 
 

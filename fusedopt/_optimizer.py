@@ -132,7 +132,6 @@ class FusedOptimizer(Optimizer):
         """Steps the batch with fusedopt.reference, on its working states."""
         raise NotImplementedError
 
-    _kernel_name = None  # "adam_step" or "sgdw_step"
     _required_state_keys = ()  # what a non-empty state must hold
     _nullable_state_keys = ()  # state keys that torch.optim may hold as None
 
@@ -165,8 +164,13 @@ class FusedOptimizer(Optimizer):
             except _ChangedWhilePlanning as changed:
                 group, failure = changed.args
                 continue
-            with torch._C.DisableTorchFunction():
-                failed = _backend._C.run_checked(items) if items else -1
+            launched = []
+            try:
+                with torch._C.DisableTorchFunction():
+                    failed = _backend._C.run_checked(items, launched) if items else -1
+            finally:
+                if launched:  # even when a signal interrupts the return: the kernels ran
+                    self._after_launch(owners, batches)
             if failed < 0:
                 break
             group, plan = owners[failed]
@@ -174,16 +178,10 @@ class FusedOptimizer(Optimizer):
             self._steady_plans.pop(id(group), None)  # plan the group in full next time
         else:
             raise RuntimeError(
-                f"param group {_index_of(self.param_groups, group)}: {failure} between planning "
-                f"and launch, in every one of {PLANNING_ATTEMPTS} attempts (a hook, a "
-                "__torch_function__ or another thread kept changing it); nothing was stepped")
-        for batch in batches:
-            if batch.use_kernel:
-                batch.commit(self)
-        _backend.mark_written([tensor for _, plan in owners if plan is not None
-                               for tensor in plan.written])
-        _backend.mark_written([tensor for batch in batches if batch.use_kernel
-                               for tensor in self._written_tensors(batch)])
+                f"param group {_index_of(self.param_groups, group)}: {failure}, although it "
+                f"passed the planning's checks, in each of {PLANNING_ATTEMPTS} attempts: a hook, "
+                "a __torch_function__ or another thread keeps changing it, or fusedopt's two "
+                "checks disagree (a bug: please report it); nothing was stepped")
         for batch in batches:
             if not batch.use_kernel:
                 self._reference_step(batch)
@@ -195,6 +193,17 @@ class FusedOptimizer(Optimizer):
                 self._steady_plans[id(group)] = plan
         if batches:  # steady steps add and replace no state entries
             self._state_snapshot = (list(self.state.keys()), list(self.state.values()))
+
+    def _after_launch(self, owners, batches):
+        """Commits the launched batches' new state and bumps the versions of what the
+        kernels wrote, as torch's in-place ops do."""
+        for batch in batches:
+            if batch.use_kernel:
+                batch.commit(self)
+        _backend.mark_written([tensor for _, plan in owners if plan is not None
+                               for tensor in plan.written])
+        _backend.mark_written([tensor for batch in batches if batch.use_kernel
+                               for tensor in self._written_tensors(batch)])
 
     def _plan(self):
         """Every group's kernel calls, checked and ready (steady plans, or calls built
@@ -423,6 +432,11 @@ class FusedOptimizer(Optimizer):
                 where = _backend.describe_param(group_index, param_index)
                 if not isinstance(state, dict):
                     raise ValueError(f"loaded state of {where} is {type(state).__name__}, not a dict")
+                absent = [key for key in self._required_state_keys if key not in state]
+                if absent:
+                    raise ValueError(
+                        f"loaded state of {where} has {sorted(state)} but no {absent}; a param's "
+                        "state is either empty or complete")
                 for key in self._state_keys(saved_group):
                     if key not in state or (state[key] is None and key in self._nullable_state_keys):
                         continue

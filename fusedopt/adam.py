@@ -83,7 +83,6 @@ class Adam(FusedOptimizer):
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", False)
 
-    _kernel_name = "adam_step"
     _required_state_keys = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq starts at zero if amsgrad is turned on later
     _counter_keys = ("step",)
     _required_group_keys = ("lr", "betas", "eps", "weight_decay")
@@ -171,16 +170,17 @@ class Adam(FusedOptimizer):
         h = batch.hyper
         local = _backend.local
         for param, grad, state in zip(batch.kernel_params, batch.grads, batch.working):
-            state["step"] += 1
+            step = float(state["step"]) + 1  # counted once the update is written, as the kernel does
             reference.adam_step_(
                 param,
                 grad,
                 local(state["exp_avg"]),
                 local(state["exp_avg_sq"]),
                 local(state["max_exp_avg_sq"]) if "max_exp_avg_sq" in state else None,
-                float(state["step"]),
+                step,
                 **h,
             )
+            state["step"] += 1
 
 
 class AdamW(Adam):

@@ -62,7 +62,6 @@ class SGDW(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
 
-    _kernel_name = "sgdw_step"
     _required_group_keys = ("lr", "momentum", "dampening", "weight_decay")
     _nullable_state_keys = ("momentum_buffer",)  # None: no buffer yet, as in torch.optim.SGD
 

@@ -50,6 +50,7 @@ def _entry(rank, worker, world_size, port, args):
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         worker(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

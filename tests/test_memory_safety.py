@@ -406,8 +406,9 @@ def test_launch_check_notices_a_param_moved_after_it_was_built():
     check = _backend.launch_check([param], [None], (), [()])
     param.data = param.data.clone()
     before = param.detach().clone()
-    failed = _backend._C.run_checked([(check, args, [param], [grad], False, ("cpu", 1))])
-    assert failed == 0 and "no longer at its planned address" in check.failure
+    launched = []
+    failed = _backend._C.run_checked([(check, args, [param], [grad], False, ("cpu", 1))], launched)
+    assert failed == 0 and not launched and "no longer at its planned address" in check.failure
     assert torch.equal(param.detach(), before)
 
 
@@ -589,4 +590,132 @@ def test_lr_set_to_a_string_raises_type_error_like_torch():
     before = snapshot(optimizer)
     with pytest.raises(TypeError, match="lr must be a real number or a one-element tensor, got str"):
         optimizer.step()
+    assert_unchanged(optimizer, before)
+
+
+# -- found by review ------------------------------------------------------------------------
+
+def test_state_dict_key_whose_eq_runs_code_cannot_interleave_the_launch_check():
+    """The check finds state entries without calling any key's `__eq__`: a key that
+    collides with 'step' and frees exp_avg's memory when compared never runs."""
+    params, expected = make_params(), make_params()
+    optimizer = stepped(adamw(), params)
+    plain = stepped(adamw("reference"), expected)
+    state = optimizer.state[params[2]]
+    armed = []
+
+    class CollidingKey:
+        def __hash__(self):
+            return hash("step")
+
+        def __eq__(self, other):
+            if armed and armed.pop():
+                state["exp_avg"].untyped_storage().resize_(0)
+            return False
+
+    step = state.pop("step")
+    state[CollidingKey()] = "not a state entry"
+    state["step"] = step  # compares with the colliding key once, before it is armed
+    armed.append(True)
+    set_grads(params, 2)
+    set_grads(expected, 2)
+    optimizer.step()
+    plain.step()
+    assert armed == [True]
+    assert_same(params, expected)
+
+
+def test_dtype_misreported_by_a_torch_function_subclass_is_refused_before_any_write():
+    class LooksFloat32(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            out = super().__torch_function__(func, types, args, kwargs or {})
+            if getattr(func, "__self__", None) is torch._C.TensorBase.dtype and out is torch.float16:
+                return torch.float32
+            return out
+
+    param = torch.randn(4096, dtype=torch.float16).as_subclass(LooksFloat32).requires_grad_()
+    param.grad = torch.randn(4096, dtype=torch.float16).as_subclass(LooksFloat32)
+    before = param.detach().as_subclass(torch.Tensor).clone()
+    optimizer = fusedopt.SGDW([param], lr=1.0, backend="kernel")
+    with pytest.raises(RuntimeError, match="do not describe it"):
+        optimizer.step()
+    assert torch.equal(param.detach().as_subclass(torch.Tensor), before)
+
+
+def test_conjugated_grad_of_a_reference_param_beside_kernel_params_steps_with_its_values():
+    """Autograd makes lazily conjugated grads (for a param used as c.conj()); the
+    reference path beside a kernel batch steps them with their values."""
+    def make():
+        generator = torch.Generator().manual_seed(3)
+        return [torch.nn.Parameter(torch.randn(4, generator=generator)),
+                torch.nn.Parameter(torch.randn(3, dtype=torch.complex128, generator=generator))]
+
+    params, expected = make(), make()
+    with pytest.warns(UserWarning, match="complex128"):
+        optimizer = fusedopt.Adam(params, lr=0.1)
+        plain = fusedopt.Adam(expected, lr=0.1, backend="reference")
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            grads = [torch.randn(4, generator=generator),
+                     torch.randn(3, dtype=torch.complex128, generator=generator)]
+            params[0].grad, params[1].grad = grads[0], grads[1].conj()
+            expected[0].grad, expected[1].grad = grads[0].clone(), grads[1].conj().resolve_conj()
+            optimizer.step()
+            plain.step()
+    assert_same(params, expected)
+
+
+def test_interrupt_as_the_kernels_return_still_commits_their_state(monkeypatch):
+    """A signal that arrives while the kernels run is raised as run_checked returns;
+    the state the kernels wrote must be committed all the same."""
+    params, expected = make_params(), make_params()
+    optimizer = adamw()(params)
+    real = _backend._C
+
+    class InterruptedOnReturn:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def run_checked(items, launched):
+            real.run_checked(items, launched)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_backend, "_C", InterruptedOnReturn())
+    set_grads(params, 0)
+    versions = [p._version for p in params]
+    with pytest.raises(KeyboardInterrupt):
+        optimizer.step()
+    monkeypatch.setattr(_backend, "_C", real)
+    assert all(optimizer.state[p]["step"].item() == 1 for p in params)
+    assert all(p._version > v for p, v in zip(params, versions))
+    set_grads(params, 1)
+    optimizer.step()
+    plain = adamw("reference")(expected)
+    for step in range(2):
+        set_grads(expected, step)
+        plain.step()
+    assert_same(params, expected)
+
+
+@pytest.mark.parametrize("make", [adamw, sgdw])
+def test_empty_params_with_permuted_strides_step_like_torch(make):
+    param = torch.nn.Parameter(torch.zeros(0, 3, 4).permute(2, 1, 0))
+    param.grad = torch.zeros_like(param)
+    optimizer = make()([param])
+    for _ in range(2):
+        optimizer.step()
+    assert param.shape == (4, 3, 0)
+
+
+def test_checkpoint_with_incomplete_state_is_refused_at_load():
+    state_dict = checkpoint()
+    state_dict["state"][0] = {"step": torch.tensor(3.0)}
+    params = make_params(seed=5)
+    optimizer = stepped(adamw(), params)
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match=r"loaded state of param 0 of param group 0 has \['step'\] "
+                                         r"but no \['exp_avg', 'exp_avg_sq'\]"):
+        optimizer.load_state_dict(state_dict)
     assert_unchanged(optimizer, before)
