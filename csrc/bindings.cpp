@@ -173,10 +173,12 @@ PYBIND11_MODULE(_C, m) {
   cpu.def("adam_step", &fusedopt::cpu::adam_step, py::arg("args"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>(),
           "One Adam/AdamW step over host tensors given by address: increments each fp32 step "
-          "counter in `args.steps`, then updates params and states in place.");
+          "counter in `args.steps`, then updates params and states in place. Unchecked beyond "
+          "null and misaligned addresses: the optimizers launch through run_checked.");
   cpu.def("sgdw_step", &fusedopt::cpu::sgdw_step, py::arg("args"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>(),
-          "One SGDW step over host tensors given by address, in place.");
+          "One SGDW step over host tensors given by address, in place. Unchecked beyond null "
+          "and misaligned addresses: the optimizers launch through run_checked.");
   cpu.def("active_isa", &fusedopt::cpu::active_isa,
           "The instruction set whose kernels run here (FUSEDOPT_CPU_ISA overrides).");
   cpu.def("compiled_isas", &fusedopt::cpu::compiled_isas,

@@ -297,13 +297,13 @@ LaunchCheck::LaunchCheck(py::object reads, py::list params, py::list state_dicts
     owned_.push_back(py::reinterpret_borrow<py::object>(param));
     owned_.push_back(py::reinterpret_borrow<py::object>(state_dicts[i]));
     state_dicts_.push_back(state_dicts[i].ptr());
-    planned_.push_back(record(param.ptr(), param_name(i)));
+    planned_.push_back(record(param.ptr(), TensorName{i, TensorName::kParam}));
     const py::tuple tensors = state_tensors[i].cast<py::tuple>();
     if (tensors.size() != num_keys) {
       throw std::invalid_argument("LaunchCheck: one state tensor per state key expected");
     }
     for (size_t k = 0; k < num_keys; ++k) {
-      const std::string name = state_name(i, static_cast<Py_ssize_t>(k));
+      const TensorName name{i, static_cast<Py_ssize_t>(k)};
       owned_.push_back(py::reinterpret_borrow<py::object>(tensors[k]));
       Planned state = record(tensors[k].ptr(), name);
       const Planned& of_param = planned_[i * (1 + num_keys)];
@@ -314,23 +314,24 @@ LaunchCheck::LaunchCheck(py::object reads, py::list params, py::list state_dicts
                     state.layout.device.device_type == kDLCpu
               : same_layout_as(of_param, state.layout);
       if (!laid_out_like_param) {
-        throw py::value_error(name + (static_cast<Py_ssize_t>(k) == step_key_
-                                          ? " is not a one-element float32 host tensor"
-                                          : " is not laid out like its param"));
+        throw py::value_error(describe(name) + (static_cast<Py_ssize_t>(k) == step_key_
+                                                    ? " is not a one-element float32 host tensor"
+                                                    : " is not laid out like its param"));
       }
       planned_.push_back(state);
     }
   }
 }
 
-std::string LaunchCheck::param_name(size_t index) const {
-  return "param " + std::to_string(index) + " of this call";
+std::string LaunchCheck::describe(const TensorName& name) const {
+  const std::string param = "param " + std::to_string(name.index) + " of this call";
+  if (name.key == TensorName::kParam) return param;
+  if (name.key == TensorName::kGrad) return "the grad of " + param;
+  return "state '" + py::str(PyTuple_GET_ITEM(state_keys_.ptr(), name.key)).cast<std::string>() +
+         "' of " + param;
 }
 
-std::string LaunchCheck::state_name(size_t index, Py_ssize_t key) const {
-  return "state '" + py::str(PyTuple_GET_ITEM(state_keys_.ptr(), key)).cast<std::string>() +
-         "' of " + param_name(index);
-}
+bool LaunchCheck::fail(const TensorName& name, const char* why) { return fail(describe(name) + why); }
 
 PyObject* LaunchCheck::state_entry(PyObject* dict, Py_ssize_t k) const {
   if (!PyDict_Check(dict)) return nullptr;
@@ -352,12 +353,12 @@ bool LaunchCheck::fail(const std::string& why) {
   return false;
 }
 
-bool LaunchCheck::read_layout(PyObject* tensor, Layout* layout, const std::string& name) {
+bool LaunchCheck::read_layout(PyObject* tensor, Layout* layout, const TensorName& name) {
   using R = TensorReads;
   scratch_.clear();
   if (reads_->exchanges()) {
     dlpack::Tensor described{};
-    if (!reads_->describe(tensor, &described)) return fail(name + " has no strided description");
+    if (!reads_->describe(tensor, &described)) return fail(name, " has no strided description");
     layout->address = reinterpret_cast<uintptr_t>(described.data) + described.byte_offset;
     layout->device = described.device;
     layout->dtype = described.dtype;
@@ -384,7 +385,7 @@ bool LaunchCheck::read_layout(PyObject* tensor, Layout* layout, const std::strin
         device_index.object == nullptr ||
         (device_index.object != Py_None && !as_int64(device_index.object, &index))) {
       PyErr_Clear();
-      return fail(name + " has no device");
+      return fail(name, " has no device");
     }
     layout->device.device_type = PyUnicode_CompareWithASCIIString(device_type.object, "cpu") == 0
                                      ? kDLCpu
@@ -401,7 +402,7 @@ bool LaunchCheck::read_layout(PyObject* tensor, Layout* layout, const std::strin
         !PyTuple_Check(strides.object) ||
         PyTuple_GET_SIZE(shape.object) != PyTuple_GET_SIZE(strides.object)) {
       PyErr_Clear();
-      return fail(name + " has no strided description");
+      return fail(name, " has no strided description");
     }
     layout->dtype_object = dtype.object;  // torch's dtype objects live as long as torch
     const Py_ssize_t ndim = PyTuple_GET_SIZE(shape.object);
@@ -409,14 +410,14 @@ bool LaunchCheck::read_layout(PyObject* tensor, Layout* layout, const std::strin
     for (Py_ssize_t d = 0; d < ndim; ++d) {
       if (!as_int64(PyTuple_GET_ITEM(shape.object, d), &scratch_[static_cast<size_t>(d)]) ||
           !as_int64(PyTuple_GET_ITEM(strides.object, d), &scratch_[static_cast<size_t>(ndim + d)])) {
-        return fail(name + " has no strided description");
+        return fail(name, " has no strided description");
       }
     }
     const Owned itemsize(PyObject_GetAttrString(dtype.object, "itemsize"));
     const Owned is_complex(PyObject_GetAttrString(dtype.object, "is_complex"));
     if (!as_int64(itemsize.object, &layout->element_bytes) || is_complex.object == nullptr) {
       PyErr_Clear();
-      return fail(name + " has a dtype without itemsize");
+      return fail(name, " has a dtype without itemsize");
     }
     layout->is_complex = is_complex.object == Py_True;
   }
@@ -468,12 +469,12 @@ bool LaunchCheck::storage_covers(PyObject* storage, const Layout& layout, uintpt
   return nbytes >= 0 && static_cast<uint64_t>(nbytes) >= *needed;
 }
 
-LaunchCheck::Planned LaunchCheck::record(PyObject* tensor, const std::string& name) {
+LaunchCheck::Planned LaunchCheck::record(PyObject* tensor, const TensorName& name) {
   Planned planned;
   planned.object = tensor;
   if (!read_layout(tensor, &planned.layout, name)) throw py::value_error(failure_);
   if (const char* problem = memory_problem(tensor, planned.layout)) {
-    throw py::value_error(name + problem);
+    throw py::value_error(describe(name) + problem);
   }
   planned.dims_at = dims_.size();
   planned.num_dims = scratch_.size();
@@ -481,13 +482,13 @@ LaunchCheck::Planned LaunchCheck::record(PyObject* tensor, const std::string& na
   PyObject* storage = reads_->call(tensor, TensorReads::kUntypedStorage);
   if (storage == nullptr) {
     PyErr_Clear();
-    throw py::value_error(name + " has no storage");
+    throw py::value_error(describe(name) + " has no storage");
   }
   owned_.push_back(py::reinterpret_steal<py::object>(storage));
   planned.storage = storage;
   if (!storage_covers(storage, planned.layout, &planned.storage_base,
                       &planned.storage_bytes_needed)) {
-    throw py::value_error(name + " reaches beyond the end of its storage");
+    throw py::value_error(describe(name) + " reaches beyond the end of its storage");
   }
   planned.kernel_numel = planned.layout.numel * (planned.layout.is_complex ? 2 : 1);
   planned.kernel_dtype = reads_->kernel_dtype(planned.layout);
@@ -523,40 +524,38 @@ bool LaunchCheck::same_layout_as(const Planned& planned, const Layout& layout) c
   return true;
 }
 
-bool LaunchCheck::matches(const Planned& planned, PyObject* tensor, const std::string& name) {
+bool LaunchCheck::matches(const Planned& planned, PyObject* tensor, const TensorName& name) {
   Layout now;
   if (!read_layout(tensor, &now, name)) return false;
   if (now.address != planned.layout.address || !same_layout_as(planned, now)) {
-    return fail(name + " is no longer at its planned address with its planned layout");
+    return fail(name, " is no longer at its planned address with its planned layout");
   }
-  if (const char* problem = memory_problem(tensor, now)) return fail(name + problem);
+  if (const char* problem = memory_problem(tensor, now)) return fail(name, problem);
   uintptr_t base = 0;
   uint64_t needed = 0;
   if (!storage_covers(planned.storage, now, &base, &needed) || base != planned.storage_base) {
-    return fail(name + "'s storage was resized or moved");
+    return fail(name, "'s storage was resized or moved");
   }
   return true;
 }
 
 bool LaunchCheck::verify_grad(const Planned& param, PyObject* grad, size_t index,
                               uintptr_t* address, std::vector<py::object>* alive) {
-  const std::string name = "the grad of " + param_name(index);
+  const TensorName name{index, TensorName::kGrad};
   Layout layout;
   if (!read_layout(grad, &layout, name)) return false;
-  if (!same_layout_as(param, layout)) {
-    return fail(name + " is not laid out like its param");
-  }
-  if (const char* problem = memory_problem(grad, layout)) return fail(name + problem);
+  if (!same_layout_as(param, layout)) return fail(name, " is not laid out like its param");
+  if (const char* problem = memory_problem(grad, layout)) return fail(name, problem);
   PyObject* storage = reads_->call(grad, TensorReads::kUntypedStorage);
   if (storage == nullptr) {
     PyErr_Clear();
-    return fail(name + " has no storage");
+    return fail(name, " has no storage");
   }
   alive->push_back(py::reinterpret_steal<py::object>(storage));
   uintptr_t base = 0;
   uint64_t needed = 0;
   if (!storage_covers(storage, layout, &base, &needed)) {
-    return fail(name + " reaches beyond the end of its storage");
+    return fail(name, " reaches beyond the end of its storage");
   }
   *address = layout.address;
   return true;
@@ -582,31 +581,34 @@ bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool che
     if (lists.lists[k]->size() != n) return fail("the call's lists do not match its tensors");
   }
   args.grads.resize(n);
+  alive->reserve(alive->size() + 2 * n);
   for (size_t i = 0; i < n; ++i) {
     const Planned* const of_param = planned_.data() + i * (1 + num_keys);
     PyObject* const param = PyList_GET_ITEM(params, static_cast<Py_ssize_t>(i));
-    if (param != of_param->object) return fail(param_name(i) + " is not the planned param");
+    const TensorName param_name{i, TensorName::kParam};
+    if (param != of_param->object) return fail(param_name, " is not the planned param");
     // Cheap comparisons first: most steps find everything as planned.
     if (args.params[i] != of_param->layout.address || args.numels[i] != of_param->kernel_numel ||
         static_cast<int>(args.dtype) != of_param->kernel_dtype) {
-      return fail("the call's arguments for " + param_name(i) + " do not describe it");
+      return fail("the call's arguments for " + describe(param_name) + " do not describe it");
     }
     for (size_t k = 0; k < num_keys; ++k) {
       const Planned& state = of_param[1 + k];
+      const TensorName state_name{i, static_cast<Py_ssize_t>(k)};
       if ((*lists.lists[k])[i] != state.layout.address) {
-        return fail("the call's arguments for " + state_name(i, static_cast<Py_ssize_t>(k)) + " changed");
+        return fail("the call's arguments for " + describe(state_name) + " changed");
       }
       if (check_state_dicts &&
           state_entry(state_dicts_[i], static_cast<Py_ssize_t>(k)) != state.object) {
-        return fail(state_name(i, static_cast<Py_ssize_t>(k)) + " was replaced");
+        return fail(state_name, " was replaced");
       }
-      if (!matches(state, state.object, state_name(i, static_cast<Py_ssize_t>(k)))) return false;
+      if (!matches(state, state.object, state_name)) return false;
       if (static_cast<Py_ssize_t>(k) == step_key_ && state.layout.numel == 1 &&
           !is_step_count(state.layout.address)) {
-        return fail(state_name(i, static_cast<Py_ssize_t>(k)) + " is not a whole number >= 0");
+        return fail(state_name, " is not a whole number >= 0");
       }
     }
-    if (!matches(*of_param, param, param_name(i))) return false;
+    if (!matches(*of_param, param, param_name)) return false;
     PyObject* grad = nullptr;
     if (grads == Py_None) {
       grad = reads_->get(param, TensorReads::kGrad);
@@ -617,7 +619,7 @@ bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool che
     }
     if (grad == nullptr || grad == Py_None) {
       Py_XDECREF(grad);
-      return fail(param_name(i) + " has no grad");
+      return fail(param_name, " has no grad");
     }
     alive->push_back(py::reinterpret_steal<py::object>(grad));
     if (!verify_grad(*of_param, grad, i, &args.grads[i], alive)) return false;

@@ -61,6 +61,15 @@ class TensorReads {
   dlpack::DescribeFunction describe_ = nullptr;
 };
 
+// Which tensor of a call a check is about: param `index`, its grad, or its state
+// tensor under state key `key`.
+struct TensorName {
+  static constexpr Py_ssize_t kParam = -1;
+  static constexpr Py_ssize_t kGrad = -2;
+  size_t index;
+  Py_ssize_t key;
+};
+
 // Where a tensor's elements are, and how they are laid out: what the check compares.
 struct Layout {
   uintptr_t address = 0;     // of the first element
@@ -124,23 +133,24 @@ class LaunchCheck {
 
   // Reads the tensor's layout, its dims (shape, then strides) into scratch_; false
   // with failure_ set where it cannot be read.
-  bool read_layout(PyObject* tensor, Layout* layout, const std::string& name);
+  bool read_layout(PyObject* tensor, Layout* layout, const struct TensorName& name);
   // Why a read layout is no plain memory a kernel may walk, or null.
   const char* memory_problem(PyObject* tensor, const Layout& layout);
   // Whether `storage` (a new or owned reference) covers the layout's extent; sets
   // the storage's base and the bytes needed from it.
   bool storage_covers(PyObject* storage, const Layout& layout, uintptr_t* base, uint64_t* needed);
-  Planned record(PyObject* tensor, const std::string& name);
+  Planned record(PyObject* tensor, const TensorName& name);
   bool same_layout_as(const Planned& planned, const Layout& layout) const;
-  bool matches(const Planned& planned, PyObject* tensor, const std::string& name);
+  bool matches(const Planned& planned, PyObject* tensor, const TensorName& name);
   bool verify_grad(const Planned& param, PyObject* grad, size_t index, uintptr_t* address,
                    std::vector<py::object>* alive);
   bool fail(const std::string& why);
   // The state dict's value under state key k, found without calling any Python
   // (a user key's `__eq__` could run anything); null if there is none.
   PyObject* state_entry(PyObject* dict, Py_ssize_t k) const;
-  std::string param_name(size_t index) const;
-  std::string state_name(size_t index, Py_ssize_t key) const;
+  // What a message calls a tensor: built only when a check fails.
+  std::string describe(const TensorName& name) const;
+  bool fail(const TensorName& name, const char* why);
 
   py::object reads_owner_;  // keeps reads_ alive
   const TensorReads* reads_;
