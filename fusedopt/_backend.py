@@ -64,10 +64,33 @@ TENSOR_ATTRIBUTES = _tensor_attributes()
 
 
 def kernel_devices():
-    """Device types the compiled kernels serve in this process."""
+    """Device types the compiled kernels serve in this process: "cuda" only where the
+    CUDA runtime fusedopt links finds a usable driver and device (cuda_kernels_usable)."""
     if _C is None:
         return ()
-    return ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
+    return ("cpu", "cuda") if cuda_kernels_usable() else ("cpu",)
+
+
+_CUDA_USABLE = None  # the answer of cuda_kernels_usable, once known
+
+
+def cuda_kernels_usable():
+    """Whether the compiled CUDA kernels can run here. A build with CUDA kernels still
+    cannot run them without a device, or with a driver older than the CUDA runtime it
+    links statically needs (that runtime's device count is then 0), and `backend='auto'`
+    must then step with the reference rather than fail at the first launch.
+
+    Asked only once torch has initialized CUDA (before that no CUDA tensor exists), so
+    that CPU-only processes never initialize the CUDA driver through fusedopt."""
+    global _CUDA_USABLE
+    if _CUDA_USABLE is None:
+        if _C is None or not _C.cuda_compiled:
+            _CUDA_USABLE = False
+        elif not torch.cuda.is_initialized():
+            return False
+        else:
+            _CUDA_USABLE = _C.cuda.device_count() > 0
+    return _CUDA_USABLE
 
 
 def launch(kernel_name, args, device):
@@ -208,3 +231,31 @@ def scalar(value, name, param_device):
             )
         value = value.item()
     return float(value)
+
+
+def kernel_unavailable_reason(device_type):
+    """Why the compiled kernels do not serve `device_type` tensors here, for the warning
+    of `backend='auto'` and the error of `backend='kernel'`."""
+    if _C is None:
+        return f"the compiled module fusedopt._C did not import ({IMPORT_ERROR})"
+    if device_type == "cuda" and _C.cuda_compiled:
+        return ("fusedopt's CUDA kernels cannot run here: the CUDA runtime they link finds no "
+                "usable device (no GPU, or an NVIDIA driver older than that runtime needs)")
+    return f"this build has no fusedopt kernel for {device_type} tensors"
+
+
+def check_cuda_step_allowed(device):
+    """Raises, before anything is written, if a step on `device` would be captured into a
+    CUDA graph: the graph would freeze that step's learning rate and bias corrections and
+    replays would never advance the step counters (NOTE: [no graph capture] in
+    csrc/cuda/kernels.cu, whose launchers refuse it too, call by call)."""
+    if device.type != "cuda":
+        return
+    with torch.cuda.device(device):
+        capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
+        raise RuntimeError(
+            "fusedopt cannot step under CUDA graph capture: the graph would freeze this "
+            "step's learning rate and bias corrections, and replays would not advance the "
+            "step counters; step outside the captured region"
+        )
