@@ -5,19 +5,45 @@ that makes a pointer safe to use is verified here, in Python, before any write:
 device, dtype, layout, shapes of grads and states. Problems raise ValueError or
 TypeError naming the parameter and the problem.
 """
+import importlib.machinery
 import inspect
 import math
+import os
+import warnings
 
 import torch
 from torch.autograd.graph import increment_version
 
-try:
-    from fusedopt import _C
-except ImportError as error:  # a source checkout that was never built
+
+def _unbuilt_explanation(package_dir):
+    """Plain words for a package directory that has no fusedopt._C."""
+    source_root = os.path.dirname(package_dir)
+    if os.path.exists(os.path.join(source_root, "setup.py")):
+        fix = (f"build it there with `pip install -e {source_root}`, or start Python from "
+               "another directory to use an installed fusedopt")
+    else:
+        fix = "reinstall fusedopt (`pip install --force-reinstall fusedopt`)"
+    return (f"fusedopt was imported from {package_dir}, where the compiled module fusedopt._C "
+            f"is not built; every step will use the slow reference implementation. To fix: {fix}")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+if not any(os.path.exists(os.path.join(_PACKAGE_DIR, "_C" + suffix))
+           for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+    # Typically Python started in the repository root, importing the unbuilt source tree
+    # rather than the installed package; without this check the user would see only
+    # "partially initialized module ... circular import" at the first step.
     _C = None
-    IMPORT_ERROR = str(error)
+    IMPORT_ERROR = _unbuilt_explanation(_PACKAGE_DIR)
+    warnings.warn(IMPORT_ERROR, RuntimeWarning, stacklevel=2)
 else:
-    IMPORT_ERROR = None
+    try:
+        from fusedopt import _C
+    except ImportError as error:  # built, but it does not load (e.g. a missing library)
+        _C = None
+        IMPORT_ERROR = str(error)
+    else:
+        IMPORT_ERROR = None
 
 # Storage dtypes the compiled kernels step; complex64 steps as pairs of float32.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
