@@ -1,6 +1,6 @@
 """The one place that checks tensors before their addresses reach the compiled core.
 
-fusedopt._C takes raw pointers and element counts (DESIGN.md 1.1), so everything
+fusedopt._C takes raw pointers and element counts (docs/DESIGN.md 1.1), so everything
 that makes a pointer safe to use is verified here, in Python, before any write:
 device, dtype, layout, shapes of grads and states. Problems raise ValueError or
 TypeError naming the parameter and the problem.
