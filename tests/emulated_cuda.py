@@ -37,17 +37,19 @@ def kernel_lists(kernel_name, args):
     return lists + [args.momentum_buffers], {2} if args.momentum_mode == C.Momentum.first_step else set()
 
 
-def owners(numels, num_lists, lists, element_bytes, first_launch):
-    """Per tensor, a function from element indices to the (launch, block, thread) that owns them."""
+def owners(numels, lists, element_bytes, first_launch):
+    """A function from (tensor, element) arrays to the (launch, block, thread) that own them."""
     chunk = emulated.active_chunk_elements()
-    max_tensors, max_chunks = emulated.launch_capacity(num_lists)
-    chunk_base = np.concatenate([[0], np.cumsum([(n + chunk - 1) // chunk for n in numels])])
+    max_tensors, max_chunks = emulated.launch_capacity(len(lists))
+    numels = np.asarray(numels, dtype=np.int64)
+    chunk_base = np.concatenate([[0], np.cumsum((numels + chunk - 1) // chunk)])
     launch_of = np.full(chunk_base[-1], -1, dtype=np.int64)
     block_of = np.full(chunk_base[-1], -1, dtype=np.int64)
-    for launch, (tensors, slots, indices) in enumerate(C.plan_launches(numels, chunk, max_tensors, max_chunks)):
+    for launch, (tensors, slots, indices) in enumerate(C.plan_launches(numels.tolist(), chunk, max_tensors, max_chunks)):
         flat = chunk_base[np.asarray(tensors, dtype=np.int64)[np.asarray(slots, dtype=np.int64)]] + indices
         launch_of[flat] = first_launch + launch
         block_of[flat] = np.arange(len(slots))
+    addresses = np.asarray(lists, dtype=np.uint64).reshape(len(lists), -1)  # [list, tensor]
     vector = VECTOR_BYTES // element_bytes
 
     def owner(tensor, elements):
@@ -55,9 +57,8 @@ def owners(numels, num_lists, lists, element_bytes, first_launch):
         begin = chunk_index * chunk
         length = np.minimum(chunk, numels[tensor] - begin)
         # The kernel takes the vector path for a chunk only if every list's chunk start is 16-byte aligned.
-        aligned = np.ones_like(elements, dtype=bool)
-        for addresses in lists:
-            aligned &= (addresses[tensor] + begin * element_bytes) % VECTOR_BYTES == 0
+        chunk_starts = addresses[:, tensor] + (begin * element_bytes).astype(np.uint64)
+        aligned = np.all(chunk_starts % VECTOR_BYTES == 0, axis=0)
         vector_end = np.where(aligned, length - length % vector, 0)
         within = elements - begin
         thread = np.where(within < vector_end, (within // vector) % BLOCK_THREADS,
@@ -74,42 +75,54 @@ def check_accesses(kernel_name, args, records, first_launch):
     numels = list(args.numels)
     element_bytes = ELEMENT_BYTES[args.dtype]
     records = np.frombuffer(records, dtype=RECORD)
+    # Each list's part of each non-empty tensor is a region; regions sorted by address.
     regions = sorted((address, address + n * element_bytes, l, t)
                      for l, addresses in enumerate(lists)
                      for t, (address, n) in enumerate(zip(addresses, numels)) if n)
-    starts = np.array([r[0] for r in regions], dtype=np.uint64)
-    ends = np.array([r[1] for r in regions], dtype=np.uint64)
+    if not regions:
+        assert len(records) == 0, "accesses in a step of only empty tensors"
+        return 0
+    starts, ends, region_list, region_tensor = (np.array(column) for column in zip(*regions))
+    starts, ends = starts.astype(np.uint64), ends.astype(np.uint64)
     assert np.all(starts[1:] >= ends[:-1]), "tensors of one call overlap"
     region = np.searchsorted(starts, records["address"], side="right") - 1
     inside = (region >= 0) & (records["address"] + records["bytes"] <= ends[np.maximum(region, 0)])
     assert inside.all(), f"{(~inside).sum()} accesses outside every tensor, e.g. {records[~inside][:3]}"
     offsets = (records["address"] - starts[region]).astype(np.int64)
     assert np.all(offsets % element_bytes == 0) and np.all(records["bytes"] % element_bytes == 0)
-    owner_of = owners(numels, len(lists), lists, element_bytes, first_launch)
-    order = np.argsort(region, kind="stable")
-    bounds = np.searchsorted(region[order], np.arange(len(regions) + 1))
-    checked = 0
-    for index, (start, end, l, t) in enumerate(regions):
-        mine = order[bounds[index]:bounds[index + 1]]
-        counts = (records["bytes"][mine] // element_bytes).astype(np.int64)
-        elements = np.repeat(offsets[mine] // element_bytes, counts)
-        elements += np.arange(len(elements)) - np.repeat(np.cumsum(counts) - counts, counts)
-        writes = np.repeat(records["write"][mine].astype(bool), counts)
-        n = numels[t]
-        reads_expected = 0 if l in write_only else 1
-        writes_expected = 0 if l == 1 else 1
-        reads = np.bincount(elements[~writes], minlength=n)
-        stores = np.bincount(elements[writes], minlength=n)
-        assert np.all(reads == reads_expected), (
-            f"list {l} tensor {t}: elements read {set(reads.tolist())} times, expected {reads_expected}")
-        assert np.all(stores == writes_expected), (
-            f"list {l} tensor {t}: elements written {set(stores.tolist())} times, expected {writes_expected}")
-        launch, block, thread = owner_of(t, elements)
-        for field, expected in (("launch", launch), ("block", block), ("thread", thread)):
-            actual = np.repeat(records[field][mine].astype(np.int64), counts)
-            assert np.array_equal(actual, expected), f"list {l} tensor {t}: an element accessed by the wrong {field}"
-        checked += n
-    return checked
+
+    # One row per element touched: a 16-byte vector access touches several.
+    counts = (records["bytes"] // element_bytes).astype(np.int64)
+    first_of_record = np.cumsum(counts) - counts
+    element = np.repeat(offsets // element_bytes, counts) + np.arange(counts.sum()) - np.repeat(first_of_record, counts)
+    element_region = np.repeat(region, counts)
+    write = np.repeat(records["write"].astype(bool), counts)
+
+    # Reads and writes per element of every region, against what the kernel must do.
+    sizes = (ends - starts).astype(np.int64) // element_bytes
+    region_base = np.concatenate([[0], np.cumsum(sizes)])
+    flat = region_base[element_region] + element
+    reads = np.bincount(flat[~write], minlength=region_base[-1])
+    stores = np.bincount(flat[write], minlength=region_base[-1])
+    expected_reads = np.repeat([0 if l in write_only else 1 for l in region_list], sizes)
+    expected_stores = np.repeat([0 if l == 1 else 1 for l in region_list], sizes)
+    for what, actual, expected in (("read", reads, expected_reads), ("written", stores, expected_stores)):
+        wrong = np.flatnonzero(actual != expected)
+        if len(wrong):
+            r = np.searchsorted(region_base, wrong[0], side="right") - 1
+            raise AssertionError(
+                f"list {region_list[r]} tensor {region_tensor[r]}: element {wrong[0] - region_base[r]} "
+                f"{what} {actual[wrong[0]]} times, expected {expected[wrong[0]]} ({len(wrong)} such elements)")
+
+    # Every access by the launch, block and thread that own the element.
+    launch, block, thread = owners(numels, lists, element_bytes, first_launch)(
+        region_tensor[element_region], element)
+    for field, expected in (("launch", launch), ("block", block), ("thread", thread)):
+        actual = np.repeat(records[field].astype(np.int64), counts)
+        wrong = np.flatnonzero(actual != expected)
+        assert not len(wrong), (f"{len(wrong)} element accesses by the wrong {field}, e.g. list "
+                                f"{region_list[element_region[wrong[0]]]} element {element[wrong[0]]}")
+    return int(sizes.sum())
 
 
 class EmulatedCuda:

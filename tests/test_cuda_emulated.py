@@ -12,20 +12,24 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import fusedopt
 from conftest import KERNEL_DTYPES, SHAPES, make_grads, make_params, run_steps
-from emulated_cuda import emulated, emulated_cuda, report_totals  # noqa: F401  (fixtures)
+from emulated_cuda import (  # noqa: F401  (emulated_cuda, report_totals: fixtures)
+    C, RECORD, check_accesses, emulated, emulated_cuda, host_args, report_totals,
+)
 from test_parity import (
     ADAM_OPTIONS, SGDW_OPTIONS, assert_bitwise_equal, assert_states_bitwise_equal, fusedopt_adam,
     fusedopt_sgdw, option_id,
 )
 
-# Three steps: SGDW's first step (buffer created) and running steps, Adam's changing
-# bias corrections; the CPU parity tests run the long trajectories.
-STEPS = 3
+# Two steps: SGDW's first step (buffer created) and a running one, Adam's bias
+# corrections at two step counts, the full planning and then the steady path; the
+# CPU parity tests run the long trajectories.
+STEPS = 2
 DTYPES = KERNEL_DTYPES + (torch.complex64,)
 # The real chunk (65,536 elements: SHAPES' largest tensor spans two), and a small one
 # under which the same shapes span many chunks and blocks.
@@ -164,3 +168,30 @@ def test_kernels_that_threads_cooperate_in_do_not_compile_in_the_emulated_build(
     result = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-DFUSEDOPT_CUDA_EMULATION=1",
                              f"-I{csrc}", str(source)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-500:]
+
+
+def test_the_access_checker_catches_each_kind_of_wrong_access():
+    """The checker must fail on records of a real call altered the way bugs would alter
+    them: an element read twice, one never written, an access by another thread, one
+    past a tensor's end."""
+    emulated.runtime.reset()
+    generator = torch.Generator().manual_seed(37)
+    tensors = {name: [torch.randn(n, generator=generator) for n in (1000, 5)]
+               for name in ("params", "grads", "momentum_buffers")}
+    args = host_args("sgdw_step", tensors, lr=0.1, momentum=0.9, momentum_mode=C.Momentum.running)
+    emulated.runtime.start_recording()
+    emulated.sgdw_step(args, 0, 0)
+    records = np.frombuffer(emulated.runtime.stop_recording(), dtype=RECORD)
+    assert check_accesses("sgdw_step", args, records.tobytes(), first_launch=0) == 3 * 1005
+    reads = np.flatnonzero(records["write"] == 0)
+    writes = np.flatnonzero(records["write"] == 1)
+    read_twice = np.concatenate([records, records[reads[:1]]])
+    never_written = np.delete(records, writes[-1])
+    other_thread = records.copy()
+    other_thread["thread"][reads[3]] += 1
+    past_the_end = records.copy()
+    past_the_end["address"][writes[-1]] += 4 * 1005  # beyond every tensor of this call
+    for altered, message in ((read_twice, "read 2 times"), (never_written, "written 0 times"),
+                             (other_thread, "wrong thread"), (past_the_end, "outside every tensor|written")):
+        with pytest.raises(AssertionError, match=message):
+            check_accesses("sgdw_step", args, altered.tobytes(), first_launch=0)
