@@ -10,7 +10,6 @@ launch plan, and no byte outside the tensors touched.
 """
 import numpy as np
 import pytest
-import torch
 
 from fusedopt import _backend
 

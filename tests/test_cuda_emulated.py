@@ -31,8 +31,8 @@ from test_parity import (
 # CPU parity tests run the long trajectories.
 STEPS = 2
 DTYPES = KERNEL_DTYPES + (torch.complex64,)
-# The real chunk (65,536 elements: SHAPES' largest tensor spans two), and a small one
-# under which the same shapes span many chunks and blocks.
+# The real chunk (0 selects it: 65,536 elements, SHAPES' largest tensor spans two), and
+# a small one under which the same shapes span many chunks and blocks.
 CHUNKS = [0, 1024]
 
 

@@ -17,7 +17,7 @@ import torch
 
 import fusedopt
 from fusedopt import _backend
-from emulated_cuda import C, emulated, emulated_cuda, host_args, report_totals  # noqa: F401
+from emulated_cuda import emulated, emulated_cuda, host_args, report_totals  # noqa: F401  (fixtures)
 
 runtime = emulated.runtime
 ERRORS = runtime.errors
