@@ -5,6 +5,8 @@ Environment switches:
   FUSEDOPT_CUDA_ARCHS="90;100"  SM targets (default 80;90;100;120: A100, H100/H200,
                                 Blackwell); the newest also gets PTX for later chips
   FUSEDOPT_SANITIZE=1           compile and link the C++ code with ASan and UBSan
+  FUSEDOPT_CUDA_EMULATION=1     also build fusedopt._cuda_emulated: csrc/cuda compiled for
+                                the host and run thread by thread, for the tests (CI sets it)
   MAX_JOBS=N                    parallel compile jobs
 """
 import os
@@ -26,14 +28,13 @@ X86_ISA_FLAGS = {
 }
 IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 SANITIZE = os.environ.get("FUSEDOPT_SANITIZE", "0") == "1"
+EMULATION = os.environ.get("FUSEDOPT_CUDA_EMULATION", "0") == "1"
 
 # -fno-math-errno lets sqrt vectorize; -ffp-contract=off keeps every variant (and
 # the reference) rounding identically: no fused multiply-add is formed behind our back.
 COMMON_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-strict-aliasing"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer", "-g"]
-
-
 
 
 def find_nvcc():
@@ -68,7 +69,8 @@ class BuildExt(build_ext):
         super().finalize_options()
         # setuptools skips an extension, and each object file, that is newer than its
         # sources whatever the flags; a change of configuration forces a full rebuild.
-        self.configuration = f"sanitize={int(SANITIZE)} cuda={';'.join(CUDA_ARCHS) if NVCC else 'off'}"
+        self.configuration = (f"sanitize={int(SANITIZE)} emulation={int(EMULATION)} "
+                              f"cuda={';'.join(CUDA_ARCHS) if NVCC else 'off'}")
         self.stamp = os.path.join(self.build_temp, "configuration")
         if not os.path.exists(self.stamp) or open(self.stamp).read() != self.configuration:
             self.force = True
@@ -117,17 +119,21 @@ if NVCC is not None:
     link_dirs.append(os.path.join(os.path.dirname(os.path.dirname(NVCC)), "lib64"))
     link_libraries += ["cudart_static", "rt"]
 
-extension = Pybind11Extension(
-    "fusedopt._C",
-    sources,
+common = dict(
     include_dirs=["csrc", "csrc/include"],
-    define_macros=macros,
     cxx_std=17,
     extra_compile_args=COMMON_FLAGS + (SANITIZE_FLAGS if SANITIZE else []),
     extra_link_args=["-pthread"] + (["-fsanitize=address,undefined"] if SANITIZE else []),
-    library_dirs=link_dirs,
-    libraries=link_libraries,
 )
+extensions = [Pybind11Extension("fusedopt._C", sources, define_macros=macros,
+                                library_dirs=link_dirs, libraries=link_libraries, **common)]
+if EMULATION:
+    # The same kernels.cu, through a one-line .cpp that includes it (NOTE: [emulated CUDA]).
+    extensions.append(Pybind11Extension(
+        "fusedopt._cuda_emulated",
+        ["csrc/cuda_emulated_bindings.cpp", "csrc/cuda/emulated_kernels.cpp",
+         "csrc/cuda/emulation.cpp", "csrc/step_args.cpp"],
+        define_macros=[("FUSEDOPT_CUDA_EMULATION", "1")], **common))
 
 ParallelCompile("MAX_JOBS", default=0).install()
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

@@ -651,6 +651,7 @@ struct Target {
   int num_threads = 1;
   int device = 0;
   uintptr_t stream = 0;
+  py::object hook;  // tests only: a Python launcher of host tensors (the emulated CUDA)
 };
 
 Target parse_target(py::handle target) {
@@ -659,6 +660,10 @@ Target parse_target(py::handle target) {
   Target out;
   if (kind == "cpu" && spec.size() == 2) {
     out.num_threads = spec[1].cast<int>();
+    return out;
+  }
+  if (kind == "hook" && spec.size() == 2) {
+    out.hook = py::reinterpret_borrow<py::object>(spec[1]);
     return out;
   }
   if (kind == "cuda" && spec.size() == 3) {
@@ -725,7 +730,7 @@ int run_checked(py::list items, py::list launched) {
     const bool on_target =
         device.device_type == LaunchCheck::kNoDevice ||
         (entry.target.cuda ? device.device_type == kDLCuda && device.device_id == entry.target.device
-                           : device.device_type == kDLCpu);
+                           : device.device_type == kDLCpu);  // CPU kernels, or a hook's host launch
     if (!on_target) {
       throw std::invalid_argument("run_checked: a call's target is not its tensors' device");
     }
@@ -734,6 +739,21 @@ int run_checked(py::list items, py::list launched) {
   launched.append(true);
   pause.reset();  // the kernels run without the GIL: no collection can interleave them
   // `items` (held by the caller) owns the checks and arguments; `alive` the grads.
+  const bool hooked = std::any_of(ready.begin(), ready.end(),
+                                  [](const Ready& entry) { return bool(entry.target.hook); });
+  if (hooked) {
+    // Tests route launches through Python (tests/emulated_cuda.py): the hook runs with
+    // the GIL, right after the check, with nothing but the hook in between.
+    for (const Ready& entry : ready) {
+      if (!entry.target.hook) throw std::invalid_argument("run_checked: hook targets go alone");
+      if (entry.adam != nullptr) {
+        entry.target.hook("adam_step", py::cast(entry.adam, py::return_value_policy::reference));
+      } else {
+        entry.target.hook("sgdw_step", py::cast(entry.sgdw, py::return_value_policy::reference));
+      }
+    }
+    return -1;
+  }
   py::gil_scoped_release release;
   for (const Ready& entry : ready) {
     if (entry.adam != nullptr) {

@@ -168,7 +168,8 @@ class LaunchCheck {
 // Verifies every item, then launches all with the GIL released: -1 when all were
 // launched, else the index of the first item that failed verification (nothing was
 // launched). Each item is (check, args, params, grads or None, check_state_dicts,
-// target), target ("cpu", num_threads) or ("cuda", device, stream). `launched` gets
+// target), target ("cpu", num_threads), ("cuda", device, stream), or, in tests,
+// ("hook", launcher): launcher(kernel_name, args) launches host tensors. `launched` gets
 // True appended right before the first launch, so that a caller interrupted by a
 // signal as the call returns still knows that the kernels ran.
 int run_checked(py::list items, py::list launched);

@@ -8,20 +8,46 @@ placements, checkpoints) before any write; the launch check (csrc/launch_check.c
 verifies the same facts again in the call that launches. Problems raise ValueError
 or TypeError naming the parameter and the problem.
 """
+import importlib.machinery
 import inspect
 import math
 import numbers
+import os
+import warnings
 
 import torch
 from torch.autograd.graph import increment_version
 
-try:
-    from fusedopt import _C
-except ImportError as error:  # a source checkout that was never built
+
+def _unbuilt_explanation(package_dir):
+    """Plain words for a package directory that has no fusedopt._C."""
+    source_root = os.path.dirname(package_dir)
+    if os.path.exists(os.path.join(source_root, "setup.py")):
+        fix = (f"build it there with `pip install -e {source_root}`, or start Python from "
+               "another directory to use an installed fusedopt")
+    else:
+        fix = "reinstall fusedopt (`pip install --force-reinstall fusedopt`)"
+    return (f"fusedopt was imported from {package_dir}, where the compiled module fusedopt._C "
+            f"is not built; every step will use the slow reference implementation. To fix: {fix}")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+if not any(os.path.exists(os.path.join(_PACKAGE_DIR, "_C" + suffix))
+           for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+    # Typically Python started in the repository root, importing the unbuilt source tree
+    # rather than the installed package; without this check the user would see only
+    # "partially initialized module ... circular import" at the first step.
     _C = None
-    IMPORT_ERROR = str(error)
+    IMPORT_ERROR = _unbuilt_explanation(_PACKAGE_DIR)
+    warnings.warn(IMPORT_ERROR, RuntimeWarning, stacklevel=2)
 else:
-    IMPORT_ERROR = None
+    try:
+        from fusedopt import _C
+    except ImportError as error:  # built, but it does not load (e.g. a missing library)
+        _C = None
+        IMPORT_ERROR = str(error)
+    else:
+        IMPORT_ERROR = None
 
 # Storage dtypes the compiled kernels step; complex64 steps as pairs of float32.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
@@ -118,25 +144,39 @@ def check_dtensor(param, other, what, where):
 
 
 def kernel_devices():
-    """Device types the compiled kernels serve in this process."""
+    """Device types the compiled kernels serve in this process: "cuda" only where the
+    CUDA runtime fusedopt links finds a usable driver and device (cuda_kernels_usable)."""
     if _C is None:
         return ()
-    return ("cpu", "cuda") if _C.cuda_compiled else ("cpu",)
+    return ("cpu", "cuda") if cuda_kernels_usable() else ("cpu",)
 
 
-def launch(kernel_name, args, device):
-    """Runs the compiled `kernel_name` ("adam_step", "sgdw_step") for tensors on `device`:
-    on the CPU with torch's thread count, on CUDA on the device's current stream."""
-    if device.type == "cpu":
-        getattr(_C.cpu, kernel_name)(args, torch.get_num_threads())
-    else:
-        stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(_C.cuda, kernel_name)(args, device.index, stream)
+_CUDA_USABLE = None  # the answer of cuda_kernels_usable, once known
+
+
+def cuda_kernels_usable():
+    """Whether the compiled CUDA kernels can run here. A build with CUDA kernels still
+    cannot run them without a device, or with a driver older than the CUDA runtime it
+    links statically needs (that runtime's device count is then 0), and `backend='auto'`
+    must then step with the reference rather than fail at the first launch.
+
+    Asked only once torch has initialized CUDA (before that no CUDA tensor exists), so
+    that CPU-only processes never initialize the CUDA driver through fusedopt."""
+    global _CUDA_USABLE
+    if _CUDA_USABLE is None:
+        if _C is None or not _C.cuda_compiled:
+            _CUDA_USABLE = False
+        elif not torch.cuda.is_initialized():
+            return False
+        else:
+            _CUDA_USABLE = _C.cuda.device_count() > 0
+    return _CUDA_USABLE
 
 
 def launch_target(device):
     """Where run_checked launches a kernel for tensors on `device`: on the CPU with
-    torch's thread count, on CUDA on the device's current stream."""
+    torch's thread count, on CUDA on the device's current stream. (Tests of the
+    emulated CUDA replace it with a ("hook", launcher) target.)"""
     if device.type == "cpu":
         return ("cpu", torch.get_num_threads())
     return ("cuda", device.index, torch.cuda.current_stream(device).cuda_stream)
@@ -435,3 +475,31 @@ def scalar(value, name, param_device):
             )
         value = value.item()
     return float(value)
+
+
+def kernel_unavailable_reason(device_type):
+    """Why the compiled kernels do not serve `device_type` tensors here, for the warning
+    of `backend='auto'` and the error of `backend='kernel'`."""
+    if _C is None:
+        return f"the compiled module fusedopt._C did not import ({IMPORT_ERROR})"
+    if device_type == "cuda" and _C.cuda_compiled:
+        return ("fusedopt's CUDA kernels cannot run here: the CUDA runtime they link finds no "
+                "usable device (no GPU, or an NVIDIA driver older than that runtime needs)")
+    return f"this build has no fusedopt kernel for {device_type} tensors"
+
+
+def check_cuda_step_allowed(device):
+    """Raises, before anything is written, if a step on `device` would be captured into a
+    CUDA graph: the graph would freeze that step's learning rate and bias corrections and
+    replays would never advance the step counters (NOTE: [no graph capture] in
+    csrc/cuda/kernels.cu, whose launchers refuse it too, call by call)."""
+    if device.type != "cuda":
+        return
+    with torch.cuda.device(device):
+        capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
+        raise RuntimeError(
+            "fusedopt cannot step under CUDA graph capture: the graph would freeze this "
+            "step's learning rate and bias corrections, and replays would not advance the "
+            "step counters; step outside the captured region"
+        )

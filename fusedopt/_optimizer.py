@@ -216,6 +216,7 @@ class FusedOptimizer(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             plan = self._steady_plans.get(id(group))
             if plan is not None and plan.usable(self, group):
+                _backend.check_cuda_step_allowed(plan.device)
                 plan.set_hyperparameters(self, self._hyperparameters(group, plan.device))
                 item = plan.item(group)
                 if item is not None:
@@ -261,6 +262,7 @@ class FusedOptimizer(Optimizer):
         device = next((param.device for param in group["params"] if param.grad is not None), None)
         if device is None:
             return []
+        _backend.check_cuda_step_allowed(device)
         # User code (a hyperparameter's `__float__`) runs here, before any tensor is read.
         hyper = self._hyperparameters(group, device)
         state_keys = self._state_keys(group)
@@ -357,13 +359,10 @@ class FusedOptimizer(Optimizer):
         if self.backend == "reference":
             return False
         reason = None
-        if device.type not in _backend.kernel_devices() or param.dtype not in _backend.KERNEL_DTYPES:
-            if _backend._C is None:
-                reason = f"the compiled module fusedopt._C did not import ({_backend.IMPORT_ERROR})"
-            elif device.type not in _backend.kernel_devices():
-                reason = f"this build has no fusedopt kernel for {device.type} tensors"
-            else:
-                reason = f"fusedopt kernels do not step {param.dtype} params"
+        if device.type not in _backend.kernel_devices():
+            reason = _backend.kernel_unavailable_reason(device.type)
+        elif param.dtype not in _backend.KERNEL_DTYPES:
+            reason = f"fusedopt kernels do not step {param.dtype} params"
         elif not _backend.is_dense(param):
             reason = ("fusedopt kernels step dense params only, and a param is a strided view "
                       "with gaps")

@@ -1,7 +1,9 @@
 """CUDA kernels: every optimizer x dtype x option against the reference on the same
 device, launch packing at scale, misaligned views, huge tensors, streams, and torch.
 
-Skipped where no CUDA device is visible (CI has none: these run on a GPU machine).
+Skipped where no CUDA device is visible (CI has none: these run on a GPU machine, e.g.
+through benchmarks/gpu_check.sh; the CI runs the same kernels' source on the CPU in
+test_cuda_emulated.py and test_cuda_host_errors.py).
 The tolerance rules are those of test_parity.py: the kernels are compiled with
 --fmad=false and IEEE division and square root, so they match the reference bit
 for bit; against torch.optim.AdamW(fused=True) the float64-oracle rule applies.
@@ -146,3 +148,36 @@ def test_launch_errors_raise_with_the_cuda_message():
     with pytest.raises(RuntimeError, match="fusedopt CUDA cudaSetDevice failed"):
         fusedopt._backend._C.cuda.sgdw_step(optimizer._steady_plans[id(optimizer.param_groups[0])].args,
                                             torch.cuda.device_count() + 5, 0)
+
+
+def test_a_step_after_a_refused_call_runs_and_steps_once():
+    """F1 on a real runtime: the refused call's error must not surface at the next launch."""
+    param = torch.nn.Parameter(torch.randn(4099, device="cuda"))
+    param.grad = torch.randn(4099, device="cuda")
+    expected = param.detach() - 0.1 * param.grad
+    optimizer = fusedopt.SGDW([param], lr=0.1, backend="kernel")
+    optimizer.step()
+    args = optimizer._steady_plans[id(optimizer.param_groups[0])].args
+    with pytest.raises(RuntimeError, match="cudaSetDevice failed"):
+        fusedopt._backend._C.cuda.sgdw_step(args, torch.cuda.device_count() + 5, 0)
+    optimizer.step()
+    torch.cuda.synchronize()
+    assert torch.equal(param.detach(), expected - 0.1 * param.grad)
+
+
+def test_a_step_under_graph_capture_is_refused_and_changes_nothing():
+    """F4: a captured step would freeze its scalars; it must raise before any write."""
+    param = torch.nn.Parameter(torch.randn(1 << 16, device="cuda"))
+    param.grad = torch.randn_like(param)
+    optimizer = fusedopt.AdamW([param], lr=1e-2, backend="kernel")
+    optimizer.step()
+    optimizer.step()  # the steady path, as in a training loop
+    torch.cuda.synchronize()
+    before = param.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="graph capture"):
+        with torch.cuda.graph(graph):
+            optimizer.step()
+    torch.cuda.synchronize()
+    assert float(optimizer.state[param]["step"]) == 2.0
+    assert torch.equal(param.detach(), before)

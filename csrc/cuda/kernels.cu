@@ -6,8 +6,11 @@
 // when every pointer of the tensor allows it, element by element otherwise (views
 // with odd storage offsets are real). Compiled with --fmad=false and IEEE division
 // and square root, so the GPU rounds exactly as the CPU kernels and the reference.
-#include <cuda_runtime.h>
+// The CI runs this file on the CPU (NOTE: [emulated CUDA] in runtime.h): kernels keep
+// the rules written there.
+#include "runtime.h"
 
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -50,16 +53,33 @@ struct alignas(sizeof(T) * kElements) Vector {
   T values[kElements];
 };
 
+// Elements per chunk: kChunkElements; the emulated build lets tests shrink it, to
+// overflow a launch table with few elements.
+__host__ __device__ __forceinline__ int64_t chunk_elements() {
+#if defined(FUSEDOPT_CUDA_EMULATION)
+  return emulation::chunk_elements > 0 ? emulation::chunk_elements : kChunkElements;
+#else
+  return kChunkElements;
+#endif
+}
+
+// Raises on a failed runtime call. The failed call also left its error as this
+// thread's last error; it is consumed here, so that it cannot surface later as the
+// error of another call (a launch that in fact succeeded).
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
+    cudaGetLastError();
     throw std::runtime_error(std::string("fusedopt CUDA ") + what + " failed: " +
                              cudaGetErrorString(status));
   }
 }
 
 // Runs `update(values)` over every element of one chunk. List 0 is the param,
-// list 1 the grad (read only), the others are states stored like the param.
-template <typename ParamT, typename GradT, int kNumLists, typename Update>
+// list 1 the grad (read only), the others are states stored like the param. A list
+// whose bit is set in kWriteOnlyLists is written without being read: its values
+// enter `update` as 0 (SGDW's first step fills a fresh, uninitialized buffer).
+template <typename ParamT, typename GradT, int kNumLists, unsigned kWriteOnlyLists,
+          typename Update>
 __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists], int64_t n,
                                              const Update& update) {
   constexpr int kVec = 16 / sizeof(ParamT);
@@ -75,14 +95,17 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
     float values[kNumLists][kVec];
 #pragma unroll
     for (int l = 0; l < kNumLists; ++l) {
-      if (l == 1) {
-        const auto loaded = *reinterpret_cast<const Vector<GradT, kVec>*>(
-            static_cast<const GradT*>(pointers[l]) + i);
+      if (kWriteOnlyLists & (1u << l)) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) values[l][e] = 0.0f;
+      } else if (l == 1) {
+        const auto loaded = load(reinterpret_cast<const Vector<GradT, kVec>*>(
+            static_cast<const GradT*>(pointers[l]) + i));
 #pragma unroll
         for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
       } else {
-        const auto loaded = *reinterpret_cast<const Vector<ParamT, kVec>*>(
-            static_cast<const ParamT*>(pointers[l]) + i);
+        const auto loaded = load(reinterpret_cast<const Vector<ParamT, kVec>*>(
+            static_cast<const ParamT*>(pointers[l]) + i));
 #pragma unroll
         for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
       }
@@ -102,20 +125,25 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
       Vector<ParamT, kVec> stored;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) stored.values[e] = from_float<ParamT>(values[l][e]);
-      *reinterpret_cast<Vector<ParamT, kVec>*>(static_cast<ParamT*>(pointers[l]) + i) = stored;
+      store(reinterpret_cast<Vector<ParamT, kVec>*>(static_cast<ParamT*>(pointers[l]) + i), stored);
     }
   }
   for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
     float element[kNumLists];
 #pragma unroll
     for (int l = 0; l < kNumLists; ++l) {
-      element[l] = l == 1 ? to_float(static_cast<const GradT*>(pointers[l])[i])
-                          : to_float(static_cast<const ParamT*>(pointers[l])[i]);
+      if (kWriteOnlyLists & (1u << l)) {
+        element[l] = 0.0f;
+      } else if (l == 1) {
+        element[l] = to_float(load(static_cast<const GradT*>(pointers[l]) + i));
+      } else {
+        element[l] = to_float(load(static_cast<const ParamT*>(pointers[l]) + i));
+      }
     }
     update(element);
 #pragma unroll
     for (int l = 0; l < kNumLists; ++l) {
-      if (l != 1) static_cast<ParamT*>(pointers[l])[i] = from_float<ParamT>(element[l]);
+      if (l != 1) store(static_cast<ParamT*>(pointers[l]) + i, from_float<ParamT>(element[l]));
     }
   }
 }
@@ -126,13 +154,14 @@ __device__ __forceinline__ int64_t locate_chunk(const LaunchTable<kNumLists, Ten
                                                 void* (&pointers)[kNumLists], int& slot,
                                                 int64_t element_bytes[kNumLists]) {
   slot = table.chunk_slots[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(table.chunk_indices[blockIdx.x]) * kChunkElements;
+  const int64_t chunk = chunk_elements();
+  const int64_t begin = static_cast<int64_t>(table.chunk_indices[blockIdx.x]) * chunk;
 #pragma unroll
   for (int l = 0; l < kNumLists; ++l) {
     pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * element_bytes[l];
   }
   const int64_t remaining = table.numels[slot] - begin;
-  return remaining < kChunkElements ? remaining : kChunkElements;
+  return remaining < chunk ? remaining : chunk;
 }
 
 template <typename ParamT, typename GradT, WeightDecay kDecay, bool kAmsgrad, bool kMaximize>
@@ -149,7 +178,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   AdamScalars scalars = shared;
   scalars.step_size = table.tensor_scalars[slot].step_size;
   scalars.bias_correction2_sqrt = table.tensor_scalars[slot].bias_correction2_sqrt;
-  update_chunk<ParamT, GradT, kNumLists>(pointers, n, [&](float (&v)[kNumLists]) {
+  update_chunk<ParamT, GradT, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
     float unused_max = 0.0f;
     adam_update<kDecay, kAmsgrad, kMaximize>(v[0], v[1], v[2], v[3],
                                             kAmsgrad ? v[kNumLists - 1] : unused_max, scalars);
@@ -169,35 +198,96 @@ __global__ void __launch_bounds__(kBlockThreads)
   void* pointers[kNumLists];
   int slot;
   const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
-  update_chunk<ParamT, GradT, kNumLists>(pointers, n, [&](float (&v)[kNumLists]) {
+  // The first step creates the momentum buffer from the gradient: it is written only.
+  constexpr unsigned kWriteOnlyLists = kMomentum == Momentum::kFirstStep ? 1u << 2 : 0u;
+  update_chunk<ParamT, GradT, kNumLists, kWriteOnlyLists>(pointers, n, [&](float (&v)[kNumLists]) {
     float unused_buffer = 0.0f;
     sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(
         v[0], v[1], kMomentum == Momentum::kNone ? unused_buffer : v[kNumLists - 1], scalars);
   });
 }
 
-// Sets the device for the duration of a call and restores the caller's.
+// Makes `device` current for the duration of a call and then restores the caller's
+// device, touching the current device only when it differs: on a thread with no
+// current context, setting device 0 "back" would create device 0's primary context.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    if (previous_ != device) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      switched_ = true;
+    }
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  ~DeviceGuard() {
+    // A destructor cannot report; consume the error so no later call inherits it.
+    if (switched_ && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
   int previous_ = 0;
+  bool switched_ = false;
 };
 
-// Fills one launch table from a plan and the step's pointer lists, then launches.
+// NOTE: [no graph capture]
+// A step captured into a CUDA graph would freeze that step's scalars (learning rate,
+// bias corrections) into the graph, and replays would never advance the host step
+// counters: the bias correction would silently go wrong. Until a capturable mode keeps
+// those on the device, a step on a capturing stream is refused before any write, as
+// torch.optim refuses capture when capturable=False.
+void refuse_graph_capture(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  if (status != cudaStreamCaptureStatusNone) {
+    throw std::runtime_error(
+        "fusedopt: step() on a stream under CUDA graph capture is not supported: the graph "
+        "would freeze this step's learning rate and bias corrections (see docs/DESIGN.md)");
+  }
+}
+
+// Puts the Adam step counters back as they were unless commit() is called: they are
+// advanced (on the host) before the launches, and a call that raises must change nothing.
+class StepCounterRollback {
+ public:
+  explicit StepCounterRollback(const std::vector<uintptr_t>& counters)
+      : counters_(counters), saved_(counters.size()) {
+    for (size_t t = 0; t < counters_.size(); ++t) {
+      std::memcpy(&saved_[t], reinterpret_cast<const void*>(counters_[t]), sizeof(float));
+    }
+  }
+  ~StepCounterRollback() {
+    if (committed_) return;
+    for (size_t t = 0; t < counters_.size(); ++t) {
+      std::memcpy(reinterpret_cast<void*>(counters_[t]), &saved_[t], sizeof(float));
+    }
+  }
+  void commit() { committed_ = true; }
+  StepCounterRollback(const StepCounterRollback&) = delete;
+  StepCounterRollback& operator=(const StepCounterRollback&) = delete;
+
+ private:
+  const std::vector<uintptr_t>& counters_;
+  std::vector<float> saved_;
+  bool committed_ = false;
+};
+
+// Fills one launch table per launch of the plan from the step's pointer lists and
+// queues the launches in order. Raises on the first launch that fails; the launches
+// before it stay queued (a later launch of the same kernel fails only on a device
+// fault, which leaves the context unusable anyway) and the message says how many.
 template <typename Table, typename Kernel, typename Shared, typename TensorScalarsOf>
-void launch_all(const std::vector<const std::vector<uintptr_t>*>& lists,
+void launch_all(const std::vector<LaunchPlan>& plans,
+                const std::vector<const std::vector<uintptr_t>*>& lists,
                 const std::vector<int64_t>& numels, Kernel kernel, const Shared& shared,
                 TensorScalarsOf tensor_scalars_of, cudaStream_t stream) {
   constexpr int kNumLists = sizeof(Table::pointers) / sizeof(Table::pointers[0]);
   static_assert(sizeof(Table) <= kParamBytes, "launch table exceeds the kernel parameter space");
-  const LaunchCapacity capacity{kMaxTensors, Table::kMaxChunks};
-  for (const LaunchPlan& plan : plan_launches(numels, kChunkElements, capacity)) {
+  // An error left by an earlier call on this thread is not this launch's error.
+  cudaGetLastError();
+  for (size_t launch = 0; launch < plans.size(); ++launch) {
+    const LaunchPlan& plan = plans[launch];
     Table table;
     for (size_t slot = 0; slot < plan.tensors.size(); ++slot) {
       const int64_t tensor = plan.tensors[slot];
@@ -211,9 +301,15 @@ void launch_all(const std::vector<const std::vector<uintptr_t>*>& lists,
       table.chunk_slots[c] = plan.chunk_slots[c];
       table.chunk_indices[c] = plan.chunk_indices[c];
     }
-    kernel<<<static_cast<unsigned>(plan.chunk_slots.size()), kBlockThreads, 0, stream>>>(table,
-                                                                                       shared);
-    check(cudaGetLastError(), "kernel launch");
+    launch_kernel(kernel, static_cast<unsigned>(plan.chunk_slots.size()), kBlockThreads, stream,
+                  table, shared);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) {
+      throw std::runtime_error("fusedopt CUDA kernel launch " + std::to_string(launch + 1) +
+                               " of " + std::to_string(plans.size()) + " failed (" +
+                               std::to_string(launch) + " queued before it): " +
+                               cudaGetErrorString(status));
+    }
   }
 }
 
@@ -235,8 +331,12 @@ LaunchCapacity launch_capacity(int num_lists) {
 
 void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   check_lists(args);
-  plan_launches(args.numels, kChunkElements, launch_capacity(args.amsgrad ? 5 : 4));  // validates
+  const std::vector<LaunchPlan> plans =
+      plan_launches(args.numels, chunk_elements(), launch_capacity(args.amsgrad ? 5 : 4));
   DeviceGuard guard(device);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  refuse_graph_capture(cuda_stream);
+  StepCounterRollback rollback(args.steps);
   const std::vector<AdamScalars> scalars = advance_adam_steps(args);
   const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
   std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
@@ -245,31 +345,34 @@ void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   auto tensor_scalars_of = [&](int64_t t) {
     return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
   };
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   with_scalar_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     with_weight_decay(args.decay, [&](auto decay) {
       with_bool(args.amsgrad, [&](auto amsgrad) {
         with_bool(args.maximize, [&](auto maximize) {
           launch_all<LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>>(
-              lists, args.numels, adam_kernel<T, T, decay.value, amsgrad.value, maximize.value>,
-              shared, tensor_scalars_of, cuda_stream);
+              plans, lists, args.numels,
+              adam_kernel<T, T, decay.value, amsgrad.value, maximize.value>, shared,
+              tensor_scalars_of, cuda_stream);
         });
       });
     });
   });
+  rollback.commit();
 }
 
 void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
   check_lists(args);
   const bool has_buffer = args.momentum_mode != Momentum::kNone;
-  plan_launches(args.numels, kChunkElements, launch_capacity(has_buffer ? 3 : 2));  // validates
+  const std::vector<LaunchPlan> plans =
+      plan_launches(args.numels, chunk_elements(), launch_capacity(has_buffer ? 3 : 2));
   DeviceGuard guard(device);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  refuse_graph_capture(cuda_stream);
   const SgdScalars scalars = sgdw_scalars(args);
   std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
   if (has_buffer) lists.push_back(&args.momentum_buffers);
   auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   with_scalar_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     with_bool(args.weight_decay != 0.0, [&](auto decay) {
@@ -278,7 +381,7 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
           with_bool(args.maximize, [&](auto maximize) {
             constexpr int kNumLists = momentum.value == Momentum::kNone ? 2 : 3;
             launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
-                lists, args.numels,
+                plans, lists, args.numels,
                 sgdw_kernel<T, T, decay.value, momentum.value, nesterov.value, maximize.value>,
                 scalars, no_tensor_scalars, cuda_stream);
           });

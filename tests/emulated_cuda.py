@@ -1,0 +1,190 @@
+"""The CUDA kernels run on the CPU (fusedopt._cuda_emulated, NOTE: [emulated CUDA] in
+csrc/cuda/runtime.h), and an access checker for what they touch.
+
+`emulated_cuda` routes the optimizers' kernel launches for CPU tensors through the
+emulated CUDA launchers instead of the CPU kernels, records every load and store of
+every call, and checks each call with `check_accesses`: every element of every list
+read once (not at all where the kernel must only write it), params and states written
+once, grads never, each access by the block and thread that own the element under the
+launch plan, and no byte outside the tensors touched.
+"""
+import numpy as np
+import pytest
+
+from fusedopt import _backend
+
+emulated = pytest.importorskip(
+    "fusedopt._cuda_emulated", reason="built only with FUSEDOPT_CUDA_EMULATION=1 (as in .ci/run)")
+C = _backend._C
+
+BLOCK_THREADS = 512  # kBlockThreads in csrc/cuda/kernels.cu
+VECTOR_BYTES = 16  # the kernels' vector loads and stores
+RECORD = np.dtype([("address", "<u8"), ("bytes", "<u4"), ("write", "<u4"), ("launch", "<u4"),
+                   ("block", "<u4"), ("thread", "<u4"), ("unused", "<u4")])
+ELEMENT_BYTES = {C.ScalarType.float32: 4, C.ScalarType.bfloat16: 2, C.ScalarType.float16: 2}
+
+
+def kernel_lists(kernel_name, args):
+    """The call's pointer lists in kernel order, and which of them the kernel only writes."""
+    if kernel_name == "adam_step":
+        lists = [args.params, args.grads, args.exp_avgs, args.exp_avg_sqs]
+        return lists + ([args.max_exp_avg_sqs] if args.amsgrad else []), set()
+    lists = [args.params, args.grads]
+    if args.momentum_mode == C.Momentum.none:
+        return lists, set()
+    # The first step fills a freshly allocated buffer: reading it would read garbage (F6).
+    return lists + [args.momentum_buffers], {2} if args.momentum_mode == C.Momentum.first_step else set()
+
+
+def owners(numels, lists, element_bytes, first_launch):
+    """A function from (tensor, element) arrays to the (launch, block, thread) that own them."""
+    chunk = emulated.active_chunk_elements()
+    max_tensors, max_chunks = emulated.launch_capacity(len(lists))
+    numels = np.asarray(numels, dtype=np.int64)
+    chunk_base = np.concatenate([[0], np.cumsum((numels + chunk - 1) // chunk)])
+    launch_of = np.full(chunk_base[-1], -1, dtype=np.int64)
+    block_of = np.full(chunk_base[-1], -1, dtype=np.int64)
+    for launch, (tensors, slots, indices) in enumerate(C.plan_launches(numels.tolist(), chunk, max_tensors, max_chunks)):
+        flat = chunk_base[np.asarray(tensors, dtype=np.int64)[np.asarray(slots, dtype=np.int64)]] + indices
+        launch_of[flat] = first_launch + launch
+        block_of[flat] = np.arange(len(slots))
+    addresses = np.asarray(lists, dtype=np.uint64).reshape(len(lists), -1)  # [list, tensor]
+    vector = VECTOR_BYTES // element_bytes
+
+    def owner(tensor, elements):
+        chunk_index = elements // chunk
+        begin = chunk_index * chunk
+        length = np.minimum(chunk, numels[tensor] - begin)
+        # The kernel takes the vector path for a chunk only if every list's chunk start is 16-byte aligned.
+        chunk_starts = addresses[:, tensor] + (begin * element_bytes).astype(np.uint64)
+        aligned = np.all(chunk_starts % VECTOR_BYTES == 0, axis=0)
+        vector_end = np.where(aligned, length - length % vector, 0)
+        within = elements - begin
+        thread = np.where(within < vector_end, (within // vector) % BLOCK_THREADS,
+                          (within - vector_end) % BLOCK_THREADS)
+        flat = chunk_base[tensor] + chunk_index
+        return launch_of[flat], block_of[flat], thread
+
+    return owner
+
+
+def check_accesses(kernel_name, args, records, first_launch):
+    """Asserts what the module docstring says of one call; returns the elements checked."""
+    lists, write_only = kernel_lists(kernel_name, args)
+    numels = list(args.numels)
+    element_bytes = ELEMENT_BYTES[args.dtype]
+    records = np.frombuffer(records, dtype=RECORD)
+    # Each list's part of each non-empty tensor is a region; regions sorted by address.
+    regions = sorted((address, address + n * element_bytes, l, t)
+                     for l, addresses in enumerate(lists)
+                     for t, (address, n) in enumerate(zip(addresses, numels)) if n)
+    if not regions:
+        assert len(records) == 0, "accesses in a step of only empty tensors"
+        return 0
+    starts, ends, region_list, region_tensor = (np.array(column) for column in zip(*regions))
+    starts, ends = starts.astype(np.uint64), ends.astype(np.uint64)
+    assert np.all(starts[1:] >= ends[:-1]), "tensors of one call overlap"
+    region = np.searchsorted(starts, records["address"], side="right") - 1
+    inside = (region >= 0) & (records["address"] + records["bytes"] <= ends[np.maximum(region, 0)])
+    assert inside.all(), f"{(~inside).sum()} accesses outside every tensor, e.g. {records[~inside][:3]}"
+    offsets = (records["address"] - starts[region]).astype(np.int64)
+    assert np.all(offsets % element_bytes == 0) and np.all(records["bytes"] % element_bytes == 0)
+
+    # One row per element touched: a 16-byte vector access touches several.
+    counts = (records["bytes"] // element_bytes).astype(np.int64)
+    first_of_record = np.cumsum(counts) - counts
+    element = np.repeat(offsets // element_bytes, counts) + np.arange(counts.sum()) - np.repeat(first_of_record, counts)
+    element_region = np.repeat(region, counts)
+    write = np.repeat(records["write"].astype(bool), counts)
+
+    # Reads and writes per element of every region, against what the kernel must do.
+    sizes = (ends - starts).astype(np.int64) // element_bytes
+    region_base = np.concatenate([[0], np.cumsum(sizes)])
+    flat = region_base[element_region] + element
+    reads = np.bincount(flat[~write], minlength=region_base[-1])
+    stores = np.bincount(flat[write], minlength=region_base[-1])
+    expected_reads = np.repeat([0 if l in write_only else 1 for l in region_list], sizes)
+    expected_stores = np.repeat([0 if l == 1 else 1 for l in region_list], sizes)
+    for what, actual, expected in (("read", reads, expected_reads), ("written", stores, expected_stores)):
+        wrong = np.flatnonzero(actual != expected)
+        if len(wrong):
+            r = np.searchsorted(region_base, wrong[0], side="right") - 1
+            raise AssertionError(
+                f"list {region_list[r]} tensor {region_tensor[r]}: element {wrong[0] - region_base[r]} "
+                f"{what} {actual[wrong[0]]} times, expected {expected[wrong[0]]} ({len(wrong)} such elements)")
+
+    # Every access by the launch, block and thread that own the element.
+    launch, block, thread = owners(numels, lists, element_bytes, first_launch)(
+        region_tensor[element_region], element)
+    for field, expected in (("launch", launch), ("block", block), ("thread", thread)):
+        actual = np.repeat(records[field].astype(np.int64), counts)
+        wrong = np.flatnonzero(actual != expected)
+        assert not len(wrong), (f"{len(wrong)} element accesses by the wrong {field}, e.g. list "
+                                f"{region_list[element_region[wrong[0]]]} element {element[wrong[0]]}")
+    return int(sizes.sum())
+
+
+class EmulatedCuda:
+    """Launches of one test through the emulated CUDA launchers, each call checked."""
+
+    def __init__(self):
+        self.calls = 0
+        self.element_checks = 0
+
+    def target(self, device):
+        """The launch target the optimizers get: this runner, for host tensors."""
+        assert device.type == "cpu", "the emulated launchers take host tensors"
+        return ("hook", self.launch)
+
+    def launch(self, kernel_name, args):
+        first_launch = emulated.runtime.counters()["launches"]
+        emulated.runtime.start_recording()
+        try:
+            getattr(emulated, kernel_name)(args, 0, 0)
+        finally:
+            records = emulated.runtime.stop_recording()
+        self.calls += 1
+        self.element_checks += check_accesses(kernel_name, args, records, first_launch)
+
+
+TOTALS = {"calls": 0, "element_checks": 0}
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """Routes the kernel launches for CPU tensors through the emulated CUDA launchers."""
+    emulated.runtime.reset()
+    runner = EmulatedCuda()
+    monkeypatch.setattr(_backend, "launch_target", runner.target)
+    yield runner
+    TOTALS["calls"] += runner.calls
+    TOTALS["element_checks"] += runner.element_checks
+    emulated.set_chunk_elements(0)
+    emulated.runtime.reset()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_totals(request):
+    """Prints, once per module, how many emulated calls and element checks ran."""
+    yield
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and TOTALS["calls"]:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nemulated CUDA ({request.module.__name__}): {TOTALS['calls']} checked "
+                                f"calls, {TOTALS['element_checks']:,} element checks (reads, writes, owner)")
+    TOTALS.update(calls=0, element_checks=0)
+
+
+def host_args(kernel_name, tensors_per_list, **hyper):
+    """Step arguments for the emulated launchers from host tensors, list by list."""
+    args = C.AdamStepArgs() if kernel_name == "adam_step" else C.SgdwStepArgs()
+    for name, tensors in tensors_per_list.items():
+        setattr(args, name, [t.data_ptr() for t in tensors])
+    first = next(iter(tensors_per_list.values()))
+    args.numels = [_backend.kernel_numel(t) for t in first]
+    args.dtype = _backend.KERNEL_CODES[first[0].dtype]
+    for key, value in hyper.items():
+        setattr(args, key, value)
+    return args
+
