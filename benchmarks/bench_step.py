@@ -4,7 +4,7 @@ For each workload (a list of parameter shapes) and optimizer row, every
 implementation steps its own copy of the same random data; steps are timed round
 by round, one step per implementation per round, so drift hits all alike. The
 report gives the median step time, the effective bandwidth (the bytes a step must
-move divided by its time, DESIGN.md 4), that bandwidth as a share of a copy
+move divided by its time, docs/DESIGN.md 4), that bandwidth as a share of a copy
 measured in the same run, and the time ratio against torch's fused optimizer.
 
     python benchmarks/bench_step.py --device cpu --quick --json out.json --plot out.png

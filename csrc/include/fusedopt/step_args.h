@@ -1,5 +1,5 @@
 // What one optimizer call receives: raw pointers, element counts, dtype and
-// hyperparameters. No torch types cross this boundary (DESIGN.md 1.1); Python
+// hyperparameters. No torch types cross this boundary (docs/DESIGN.md 1.1); Python
 // validated every tensor before handing over its pointer.
 #pragma once
 
