@@ -45,23 +45,30 @@ def make_problem(shapes, dtype, seed):
     return make_params(shapes, dtype, seed), make_grads(shapes, dtype, STEPS, seed)
 
 
+def assert_emulated_matches_cpu_kernel_and_reference(make, dtype, seed, emulated_cuda, monkeypatch):
+    """`make(backend=...)` steps through the emulated CUDA, the reference and the CPU
+    kernels alike: params and states bit for bit equal, and the step did step."""
+    initial, grads = make_problem(SHAPES, dtype, seed=seed)
+    cuda, cuda_opt = run_steps(make(backend="kernel"), initial, grads)
+    assert emulated_cuda.calls == STEPS
+    spec, spec_opt = run_steps(make(backend="reference"), initial, grads)
+    monkeypatch.undo()
+    cpu, cpu_opt = run_steps(make(backend="kernel"), initial, grads)
+    assert_bitwise_equal(cuda, cpu)
+    assert_states_bitwise_equal(cuda_opt, cpu_opt)
+    assert_bitwise_equal(cuda, spec)
+    assert_states_bitwise_equal(cuda_opt, spec_opt)
+    assert not all(torch.equal(c, i) for c, i in zip(cuda, initial))
+
+
 @pytest.mark.parametrize("chunk", CHUNKS, ids=lambda c: f"chunk={c or 'real'}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("options", ADAM_OPTIONS, ids=option_id)
 def test_adam_emulated_cuda_matches_cpu_kernel_and_reference_bitwise(options, dtype, chunk,
                                                                      emulated_cuda, monkeypatch):
     emulated.set_chunk_elements(chunk)
-    initial, grads = make_problem(SHAPES, dtype, seed=31)
-    cuda, cuda_opt = run_steps(fusedopt_adam(options, backend="kernel"), initial, grads)
-    assert emulated_cuda.calls == STEPS
-    spec, spec_opt = run_steps(fusedopt_adam(options, backend="reference"), initial, grads)
-    monkeypatch.undo()
-    cpu, cpu_opt = run_steps(fusedopt_adam(options, backend="kernel"), initial, grads)
-    assert_bitwise_equal(cuda, cpu)
-    assert_states_bitwise_equal(cuda_opt, cpu_opt)
-    assert_bitwise_equal(cuda, spec)
-    assert_states_bitwise_equal(cuda_opt, spec_opt)
-    assert not all(torch.equal(c, i) for c, i in zip(cuda, initial))  # the step did step
+    assert_emulated_matches_cpu_kernel_and_reference(
+        lambda backend: fusedopt_adam(options, backend=backend), dtype, 31, emulated_cuda, monkeypatch)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS, ids=lambda c: f"chunk={c or 'real'}")
@@ -70,17 +77,8 @@ def test_adam_emulated_cuda_matches_cpu_kernel_and_reference_bitwise(options, dt
 def test_sgdw_emulated_cuda_matches_cpu_kernel_and_reference_bitwise(options, dtype, chunk,
                                                                      emulated_cuda, monkeypatch):
     emulated.set_chunk_elements(chunk)
-    initial, grads = make_problem(SHAPES, dtype, seed=32)
-    cuda, cuda_opt = run_steps(fusedopt_sgdw(options, backend="kernel"), initial, grads)
-    assert emulated_cuda.calls == STEPS
-    spec, spec_opt = run_steps(fusedopt_sgdw(options, backend="reference"), initial, grads)
-    monkeypatch.undo()
-    cpu, cpu_opt = run_steps(fusedopt_sgdw(options, backend="kernel"), initial, grads)
-    assert_bitwise_equal(cuda, cpu)
-    assert_states_bitwise_equal(cuda_opt, cpu_opt)
-    assert_bitwise_equal(cuda, spec)
-    assert_states_bitwise_equal(cuda_opt, spec_opt)
-    assert not all(torch.equal(c, i) for c, i in zip(cuda, initial))  # the step did step
+    assert_emulated_matches_cpu_kernel_and_reference(
+        lambda backend: fusedopt_sgdw(options, backend=backend), dtype, 32, emulated_cuda, monkeypatch)
 
 
 def launches_per_step(numels, num_lists):

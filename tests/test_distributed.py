@@ -90,6 +90,20 @@ def trajectory_atol(initial_scale, update_bound, steps):
     return steps * 4 * EPS32 * (initial_scale + update_bound)
 
 
+def step_both_on_the_same_grads(ours, theirs, ours_params, theirs_params):
+    """Copies the grads the fusedopt run's backward made into the torch.optim run,
+    steps both and clears the grads; returns the largest grad element."""
+    grad_scale = 0.0
+    for p, q in zip(ours_params, theirs_params):
+        q.grad = p.grad.detach().clone()
+        grad_scale = max(grad_scale, full(p.grad).abs().max().item())
+    ours.step()
+    theirs.step()
+    ours.zero_grad()
+    theirs.zero_grad()
+    return grad_scale
+
+
 def full(tensor):
     from torch.distributed.tensor import DTensor
 
@@ -134,20 +148,14 @@ def fsdp2_worker(rank, world_size):
             assert all(isinstance(p, DTensor) for p in ours_params)
             ours, theirs = make_ours(ours_params), make_theirs(theirs_params)
             initial_scale = max(full(p).abs().max().item() for p in ours_params)
-            grad_scale, losses = 0.0, []
+            grad_scale = 0.0
             for step in range(STEPS):
                 micro_batches = variant.get("micro_batches", 1)
                 for micro in range(micro_batches):
                     loss = loss_of(ours_model, batch(rank, step, micro)) / micro_batches
                     loss.backward()
-                losses.append(loss.item())
-                for p, q in zip(ours_params, theirs_params):
-                    q.grad = p.grad.detach().clone()
-                    grad_scale = max(grad_scale, full(p.grad).abs().max().item())
-                ours.step()
-                theirs.step()
-                ours.zero_grad()
-                theirs.zero_grad()
+                grad_scale = max(grad_scale, step_both_on_the_same_grads(
+                    ours, theirs, ours_params, theirs_params))
             atol = trajectory_atol(initial_scale, update_bound(grad_scale), STEPS)
             where = f"rank {rank}, {variant_name}, {name}"
             assert not ours._warned, f"{where}: fell back to the reference ({ours._warned})"
@@ -192,12 +200,8 @@ def tensor_parallel_worker(rank, world_size):
         for step in range(STEPS):
             x, _ = batch(0, step)  # tensor parallel ranks share the batch
             ours_model(x).square().mean().backward()
-            for p, q in zip(ours_params, theirs_params):
-                q.grad = p.grad.detach().clone()
-                grad_scale = max(grad_scale, full(p.grad).abs().max().item())
-            ours.step()
-            theirs.step()
-            ours.zero_grad()
+            grad_scale = max(grad_scale, step_both_on_the_same_grads(
+                ours, theirs, ours_params, theirs_params))
         atol = trajectory_atol(initial_scale, update_bound(grad_scale), STEPS)
         assert not ours._warned
         for p, q in zip(ours_params, theirs_params):
@@ -321,11 +325,8 @@ def run_data_parallel(rank, ours_model, theirs_model, ours, theirs, where):
     initial_scale = max(p.abs().max().item() for p in theirs_model.parameters())
     for step in range(STEPS):
         loss_of(ours_model, batch(rank, step)).backward()
-        for p, q in zip(ours_model.parameters(), theirs_model.parameters()):
-            q.grad = p.grad.detach().clone()
-        ours.step()
-        theirs.step()
-        ours.zero_grad()
+        step_both_on_the_same_grads(ours, theirs, list(ours_model.parameters()),
+                                    list(theirs_model.parameters()))
     atol = trajectory_atol(initial_scale, 4 * LR, STEPS)
     for p, q in zip(ours_model.parameters(), theirs_model.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=atol, msg=where)
