@@ -7,6 +7,7 @@ for bit unchanged. .ci/run also runs this file against the AddressSanitizer buil
 where a use after free or an out-of-bounds access aborts the test process.
 """
 import threading
+import time
 from contextlib import nullcontext
 
 import pytest
@@ -171,6 +172,7 @@ def test_another_thread_mutating_grads_state_and_params_never_corrupts_memory(mu
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.randn_like(p)
+                time.sleep(1e-4)  # still many mutations per step; leaves steps a chance to complete
         except BaseException as error:  # surfaced by the main thread
             errors.append(error)
 
@@ -182,13 +184,13 @@ def test_another_thread_mutating_grads_state_and_params_never_corrupts_memory(mu
             try:
                 optimizer.step()
             except RuntimeError as error:
-                if mutation != "replace_param_data" or "between planning and launch" not in str(error):
+                if mutation != "replace_param_data" or "keeps changing it" not in str(error):
                     raise
                 refused += 1
     finally:
         stop.set()
         worker.join()
-    assert not errors and refused < 200
+    assert not errors and refused < 100
     for p in params:
         assert torch.isfinite(p).all()
         state = optimizer.state[p]
