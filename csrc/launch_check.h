@@ -76,7 +76,7 @@ struct Layout {
   dlpack::Device device{};   // exchange reads only
   dlpack::DataType dtype{};  // exchange reads only
   PyObject* dtype_object = nullptr;  // attribute reads only (borrowed: torch keeps its dtypes)
-  int64_t element_bytes = 0;  // of one scalar (a complex number's two reals count as two)
+  int64_t element_bytes = 0;  // of one element (8 for complex64, whose reals need 4-byte alignment)
   bool is_complex = false;
   int64_t numel = 0;
   int64_t extent = 0;   // elements from the first to one past the last, 0 when empty

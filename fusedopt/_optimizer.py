@@ -236,9 +236,9 @@ class FusedOptimizer(Optimizer):
                 continue
             keys = self._state_keys(batch.group) + self._counter_keys
             target = _backend.launch_target(batch.kernel_params[0].device)
+            dicts = batch.final_state_dicts()
             for args, indices in self._kernel_calls(batch):
                 params = [batch.kernel_params[i] for i in indices]
-                dicts = batch.final_state_dicts()
                 try:
                     check = _backend.launch_check(
                         params, [dicts[i] for i in indices],
