@@ -122,6 +122,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("beta2", &AdamStepArgs::beta2)
       .def_readwrite("eps", &AdamStepArgs::eps)
       .def_readwrite("weight_decay", &AdamStepArgs::weight_decay)
+      .def_readwrite("lr_max", &AdamStepArgs::lr_max)
       .def_readwrite("decay", &AdamStepArgs::decay)
       .def_readwrite("amsgrad", &AdamStepArgs::amsgrad)
       .def_readwrite("maximize", &AdamStepArgs::maximize);
@@ -136,6 +137,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("momentum", &SgdwStepArgs::momentum)
       .def_readwrite("dampening", &SgdwStepArgs::dampening)
       .def_readwrite("weight_decay", &SgdwStepArgs::weight_decay)
+      .def_readwrite("lr_max", &SgdwStepArgs::lr_max)
       .def_readwrite("momentum_mode", &SgdwStepArgs::momentum_mode)
       .def_readwrite("nesterov", &SgdwStepArgs::nesterov)
       .def_readwrite("maximize", &SgdwStepArgs::maximize);

@@ -10,6 +10,11 @@
 
 namespace fusedopt {
 
+double decoupled_decay_factor(double lr, double lr_max, double weight_decay) {
+  const double decay_lr = lr_max > 0.0 ? lr / lr_max : lr;
+  return 1.0 - decay_lr * weight_decay;
+}
+
 AdamScalars adam_scalars(const AdamStepArgs& args, double step) {
   const double bias_correction1 = 1.0 - std::pow(args.beta1, step);
   const double bias_correction2 = 1.0 - std::pow(args.beta2, step);
@@ -19,7 +24,7 @@ AdamScalars adam_scalars(const AdamStepArgs& args, double step) {
   s.one_minus_beta2 = static_cast<float>(1.0 - args.beta2);
   s.eps = static_cast<float>(args.eps);
   s.weight_decay = static_cast<float>(args.weight_decay);
-  s.decay_factor = static_cast<float>(1.0 - args.lr * args.weight_decay);
+  s.decay_factor = static_cast<float>(decoupled_decay_factor(args.lr, args.lr_max, args.weight_decay));
   s.step_size = static_cast<float>(args.lr / bias_correction1);
   s.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
   return s;
@@ -30,7 +35,7 @@ SgdScalars sgdw_scalars(const SgdwStepArgs& args) {
   s.lr = static_cast<float>(args.lr);
   s.momentum = static_cast<float>(args.momentum);
   s.one_minus_dampening = static_cast<float>(1.0 - args.dampening);
-  s.decay_factor = static_cast<float>(1.0 - args.lr * args.weight_decay);
+  s.decay_factor = static_cast<float>(decoupled_decay_factor(args.lr, args.lr_max, args.weight_decay));
   return s;
 }
 

@@ -6,13 +6,15 @@ import torch
 from fusedopt import _backend, reference
 from fusedopt.adam import Adam, AdamW
 from fusedopt.sgdw import SGDW
+from fusedopt.weight_decay import RestartNormalizedWeightDecay, normalized_weight_decay
 
 try:
     __version__ = _package_version("fusedopt")
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Adam", "AdamW", "SGDW", "backend_info", "reference", "__version__"]
+__all__ = ["Adam", "AdamW", "SGDW", "RestartNormalizedWeightDecay", "backend_info",
+           "normalized_weight_decay", "reference", "__version__"]
 
 
 def backend_info():

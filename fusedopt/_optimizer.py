@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fusedopt import _backend
+from fusedopt import _backend, weight_decay
 
 BACKENDS = ("auto", "kernel", "reference")
 # A step whose tensors change between planning and launch (a hook, a
@@ -138,6 +138,8 @@ class FusedOptimizer(Optimizer):
     def add_param_group(self, param_group):
         with self._lock:
             super().add_param_group(param_group)
+            if self.param_groups[-1].get("decouple_lr", False):
+                weight_decay.record_lr_max(self.param_groups[-1])
 
     # -- stepping -----------------------------------------------------------------
     def step(self, closure=None):
@@ -390,6 +392,7 @@ class FusedOptimizer(Optimizer):
                 if hook_result is not None:
                     state_dict = hook_result
             self._check_loadable(state_dict)
+            state_dict = self._with_own_group_keys(state_dict)
             pre_hooks = self._optimizer_load_state_dict_pre_hooks
             self._optimizer_load_state_dict_pre_hooks = OrderedDict()
             try:
@@ -402,6 +405,18 @@ class FusedOptimizer(Optimizer):
                     state = self.state.get(param)
                     if state:
                         self._normalize_loaded_state(param, state, group)
+
+    _own_group_keys = ("decouple_lr", "lr_max")  # fusedopt's; torch.optim's groups lack them
+
+    def _with_own_group_keys(self, state_dict):
+        """A torch.optim checkpoint has no fusedopt-only group keys: each loaded group
+        keeps the current group's (decouple_lr stays as constructed)."""
+        groups = []
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            missing = {key: group[key] for key in self._own_group_keys
+                       if key in group and key not in saved}
+            groups.append({**saved, **missing} if missing else saved)
+        return {**state_dict, "param_groups": groups}
 
     def _check_loadable(self, state_dict):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from fusedopt import _backend, _optimizer, reference
+from fusedopt import _backend, _optimizer, reference, weight_decay as _weight_decay
 from fusedopt._optimizer import FusedOptimizer
 
 __all__ = ["Adam", "AdamW"]
@@ -20,6 +20,15 @@ class Adam(FusedOptimizer):
     backend: "auto" steps with the compiled kernel for the params' device and dtype
         when there is one, else with the reference (warning once); "kernel" raises
         where no kernel serves; "reference" always uses fusedopt.reference.
+    decouple_lr: with decoupled weight decay, the decay follows the schedule
+        multiplier eta_t = lr / lr_max instead of the lr itself, as in Loshchilov &
+        Hutter's Algorithm 2: p <- p * (1 - (lr / lr_max) * weight_decay). Then
+        weight_decay is the paper's lambda, and a schedule or a different base lr
+        leaves the regularization as set. Off by default (torch.optim's
+        p <- p * (1 - lr * weight_decay)).
+    lr_max: the lr at which the decay is weight_decay itself; by default each param
+        group's lr when it is added. Both are param group keys, saved by
+        `state_dict()`; a group that uses neither holds torch.optim's keys only.
     """
 
     def __init__(
@@ -37,6 +46,8 @@ class Adam(FusedOptimizer):
         differentiable=False,
         fused=None,
         decoupled_weight_decay=False,
+        decouple_lr=False,
+        lr_max=None,
         backend="auto",
     ):
         _backend.check_lr(lr)
@@ -57,6 +68,7 @@ class Adam(FusedOptimizer):
             raise ValueError("capturable=True is not supported: fusedopt keeps the step count on the host")
         if differentiable:
             raise ValueError("differentiable=True is not supported by fusedopt")
+        _weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled_weight_decay)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -70,6 +82,8 @@ class Adam(FusedOptimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
+        if decouple_lr or lr_max is not None:  # else the groups hold torch.optim's keys only
+            defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):
@@ -107,13 +121,15 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if group.get("differentiable", False):
             raise ValueError("differentiable=True is not supported by fusedopt")
+        decoupled = bool(group["decoupled_weight_decay"])
         return dict(
             lr=lr,
+            lr_max=_weight_decay.decoupled_lr_max(group, lr, device, decoupled, self._warned),
             beta1=beta1,
             beta2=beta2,
             eps=eps,
             weight_decay=weight_decay,
-            decoupled=bool(group["decoupled_weight_decay"]),
+            decoupled=decoupled,
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
         )
@@ -153,6 +169,7 @@ class Adam(FusedOptimizer):
     def _set_kernel_hyperparameters(self, args, hyper):
         WeightDecay = _backend._C.WeightDecay
         args.lr = hyper["lr"]
+        args.lr_max = hyper["lr_max"] or 0.0  # 0: torch.optim's decay, lr * weight_decay
         args.beta1 = hyper["beta1"]
         args.beta2 = hyper["beta2"]
         args.eps = hyper["eps"]
@@ -185,7 +202,8 @@ class Adam(FusedOptimizer):
 
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter, Algorithm 2): Adam with decoupled weight decay,
-    p <- p * (1 - lr * weight_decay). Arguments and defaults of torch.optim.AdamW."""
+    p <- p * (1 - lr * weight_decay). Arguments and defaults of torch.optim.AdamW;
+    `decouple_lr`, `lr_max` and `backend` as for fusedopt.Adam."""
 
     def __init__(
         self,
@@ -201,6 +219,8 @@ class AdamW(Adam):
         capturable=False,
         differentiable=False,
         fused=None,
+        decouple_lr=False,
+        lr_max=None,
         backend="auto",
     ):
         super().__init__(
@@ -216,6 +236,8 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            decouple_lr=decouple_lr,
+            lr_max=lr_max,
             backend=backend,
         )
 

@@ -1,10 +1,11 @@
 """The specification: each optimizer's step on one tensor, in plain PyTorch.
 
 Read it next to Loshchilov & Hutter, "Decoupled Weight Decay Regularization"
-(arXiv 1711.05101): `adamw_step_` is Algorithm 2 (Adam with L2 decay when
+(arXiv 1711.05101): `adam_step_` is Algorithm 2 (Adam with L2 decay when
 `decoupled=False`), `sgdw_step_` is Algorithm 1. The learning rate `lr` plays the
 part of the paper's alpha * eta_t, so the decoupled decay is `lr * weight_decay`,
-as in torch.optim.AdamW.
+as in torch.optim.AdamW; given `lr_max` (decouple_lr), it is the paper's
+eta_t * weight_decay, with the schedule multiplier eta_t = lr / lr_max.
 
 These functions are
   * the spec the kernels are tested against: the compiled kernels perform the same
@@ -58,6 +59,12 @@ def _lerp(start, end, weight):
     return end - (end - start) * (1 - weight)
 
 
+def _decay_factor(lr, lr_max, weight_decay):
+    """The decoupled decay's multiplier of the weights, in double as the kernels derive it."""
+    decay_lr = lr / lr_max if lr_max is not None else lr
+    return 1 - decay_lr * weight_decay
+
+
 def _store(destination, value):
     if destination.is_complex():
         destination = torch.view_as_real(destination)
@@ -81,11 +88,13 @@ def adam_step_(
     decoupled,
     amsgrad,
     maximize,
+    lr_max=None,
 ):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step, in place.
 
     `step` is the step count t after this step's increment (1 on the first step).
-    `max_exp_avg_sq` is used only when `amsgrad`.
+    `max_exp_avg_sq` is used only when `amsgrad`. With `lr_max` (decouple_lr) the
+    decoupled decay is (lr / lr_max) * weight_decay.
     """
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
@@ -101,7 +110,7 @@ def adam_step_(
     if weight_decay != 0 and not decoupled:
         g = g + weight_decay * p  # L2: the decay enters the moments
     if weight_decay != 0 and decoupled:
-        p = p * (1 - lr * weight_decay)  # decoupled: shrink the weights directly
+        p = p * _decay_factor(lr, lr_max, weight_decay)  # decoupled: shrink the weights directly
     m = _lerp(m, g, 1 - beta1)  # m = beta1 * m + (1 - beta1) * g, in torch's form
     v = beta2 * v + (1 - beta2) * (g * g)
     second_moment = v
@@ -130,12 +139,14 @@ def sgdw_step_(
     nesterov,
     maximize,
     first_step,
+    lr_max=None,
 ):
     """One SGDW step, in place.
 
     With `momentum != 0`, `momentum_buffer` is updated; on the `first_step` it is
     set to the gradient, as torch.optim.SGD does. The weight decay is decoupled:
-    p <- p * (1 - lr * weight_decay), never added to the gradient.
+    p <- p * (1 - lr * weight_decay), never added to the gradient; with `lr_max`
+    (decouple_lr), p <- p * (1 - (lr / lr_max) * weight_decay).
     """
     p = _math_view(param)
     g = _math_view(grad)
@@ -143,7 +154,7 @@ def sgdw_step_(
     if maximize:
         g = -g
     if weight_decay != 0:
-        p = p * (1 - lr * weight_decay)
+        p = p * _decay_factor(lr, lr_max, weight_decay)
     direction = g
     if momentum != 0:
         if first_step:

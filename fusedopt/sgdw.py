@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from fusedopt import _backend, _optimizer, reference
+from fusedopt import _backend, _optimizer, reference, weight_decay as _weight_decay
 from fusedopt._optimizer import FusedOptimizer
 
 __all__ = ["SGDW"]
@@ -19,6 +19,8 @@ class SGDW(FusedOptimizer):
     gradient, so the decay never enters the momentum. With weight_decay=0 SGDW is
     torch.optim.SGD.
 
+    decouple_lr, lr_max: the decay follows the schedule multiplier lr / lr_max,
+        p <- p * (1 - (lr / lr_max) * weight_decay), as for fusedopt.Adam.
     backend: as for fusedopt.Adam.
     """
 
@@ -35,11 +37,14 @@ class SGDW(FusedOptimizer):
         foreach=None,
         differentiable=False,
         fused=None,
+        decouple_lr=False,
+        lr_max=None,
         backend="auto",
     ):
         _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
         if differentiable:
             raise ValueError("differentiable=True is not supported by fusedopt")
+        _weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled=True)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -51,6 +56,8 @@ class SGDW(FusedOptimizer):
             differentiable=differentiable,
             fused=fused,
         )
+        if decouple_lr or lr_max is not None:  # else the groups hold torch.optim's keys only
+            defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):
@@ -79,6 +86,7 @@ class SGDW(FusedOptimizer):
             raise ValueError("differentiable=True is not supported by fusedopt")
         return dict(
             lr=lr,
+            lr_max=_weight_decay.decoupled_lr_max(group, lr, device, True, self._warned),
             momentum=momentum,
             dampening=dampening,
             weight_decay=weight_decay,
@@ -120,6 +128,7 @@ class SGDW(FusedOptimizer):
 
     def _set_kernel_hyperparameters(self, args, hyper):
         args.lr = hyper["lr"]
+        args.lr_max = hyper["lr_max"] or 0.0  # 0: torch.optim's decay, lr * weight_decay
         args.momentum = hyper["momentum"]
         args.dampening = hyper["dampening"]
         args.weight_decay = hyper["weight_decay"]

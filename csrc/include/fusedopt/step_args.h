@@ -22,6 +22,7 @@ struct AdamStepArgs {
   std::vector<int64_t> numels;
   ScalarType dtype = ScalarType::kFloat32;  // params, grads and states share it
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+  double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
   WeightDecay decay = WeightDecay::kNone;
   bool amsgrad = false;
   bool maximize = false;
@@ -34,10 +35,15 @@ struct SgdwStepArgs {
   std::vector<int64_t> numels;
   ScalarType dtype = ScalarType::kFloat32;
   double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
+  double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
   Momentum momentum_mode = Momentum::kNone;  // kFirstStep fills freshly allocated buffers
   bool nesterov = false;
   bool maximize = false;
 };
+
+// The decoupled decay's multiplier of the weights, 1 - lr * weight_decay, or under
+// decouple_lr (lr_max > 0) the paper's 1 - eta_t * weight_decay with eta_t = lr / lr_max.
+double decoupled_decay_factor(double lr, double lr_max, double weight_decay);
 
 // Per-tensor Adam scalars for the tensor's step count t (after the increment).
 AdamScalars adam_scalars(const AdamStepArgs& args, double step);

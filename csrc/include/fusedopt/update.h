@@ -20,7 +20,7 @@ namespace fusedopt {
 enum class WeightDecay : int {
   kNone = 0,       // weight_decay == 0: neither term is computed (0 * Inf would be NaN)
   kL2 = 1,         // Adam: g <- g + wd * p, the decay enters the moments
-  kDecoupled = 2,  // AdamW / SGDW: p <- p * (1 - lr * wd), outside the gradient step
+  kDecoupled = 2,  // AdamW / SGDW: p <- p * decay_factor, outside the gradient step
 };
 
 // Scalars of one Adam step for one tensor; derived on the host in double from the
@@ -31,7 +31,7 @@ struct AdamScalars {
   float one_minus_beta2;
   float eps;
   float weight_decay;           // kL2 coefficient
-  float decay_factor;           // kDecoupled: 1 - lr * weight_decay
+  float decay_factor;           // kDecoupled: 1 - lr * weight_decay (lr / lr_max: decouple_lr)
   float step_size;              // lr / (1 - beta1^t)
   float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
 };
@@ -71,7 +71,7 @@ struct SgdScalars {
   float lr;
   float momentum;
   float one_minus_dampening;
-  float decay_factor;  // 1 - lr * weight_decay
+  float decay_factor;  // 1 - lr * weight_decay (lr / lr_max: decouple_lr)
 };
 
 enum class Momentum : int {
