@@ -312,7 +312,7 @@ LaunchCheck::LaunchCheck(py::object reads, py::list params, py::list state_dicts
           static_cast<Py_ssize_t>(k) == step_key_
               ? state.layout.numel == 1 && reads_->is_float32(state.layout) &&
                     state.layout.device.device_type == kDLCpu
-              : same_layout_as(of_param, state.layout);
+              : same_layout_as(of_param, state.layout, /*any_kernel_dtype=*/true);
       if (!laid_out_like_param) {
         throw py::value_error(describe(name) + (static_cast<Py_ssize_t>(k) == step_key_
                                                     ? " is not a one-element float32 host tensor"
@@ -495,13 +495,16 @@ LaunchCheck::Planned LaunchCheck::record(PyObject* tensor, const TensorName& nam
   return planned;
 }
 
-bool LaunchCheck::same_layout_as(const Planned& planned, const Layout& layout) const {
+bool LaunchCheck::same_layout_as(const Planned& planned, const Layout& layout,
+                                 bool any_kernel_dtype) const {
   const Layout& expected = planned.layout;
   if (layout.device.device_type != expected.device.device_type ||
       layout.device.device_id != expected.device.device_id) {
     return false;
   }
-  if (reads_->exchanges()) {
+  if (any_kernel_dtype) {
+    if (layout.is_complex != expected.is_complex || reads_->kernel_dtype(layout) < 0) return false;
+  } else if (reads_->exchanges()) {
     if (layout.dtype.code != expected.dtype.code || layout.dtype.bits != expected.dtype.bits ||
         layout.dtype.lanes != expected.dtype.lanes) {
       return false;
@@ -527,7 +530,7 @@ bool LaunchCheck::same_layout_as(const Planned& planned, const Layout& layout) c
 bool LaunchCheck::matches(const Planned& planned, PyObject* tensor, const TensorName& name) {
   Layout now;
   if (!read_layout(tensor, &now, name)) return false;
-  if (now.address != planned.layout.address || !same_layout_as(planned, now)) {
+  if (now.address != planned.layout.address || !same_layout_as(planned, now, false)) {
     return fail(name, " is no longer at its planned address with its planned layout");
   }
   if (const char* problem = memory_problem(tensor, now)) return fail(name, problem);
@@ -539,12 +542,15 @@ bool LaunchCheck::matches(const Planned& planned, PyObject* tensor, const Tensor
   return true;
 }
 
-bool LaunchCheck::verify_grad(const Planned& param, PyObject* grad, size_t index,
+bool LaunchCheck::verify_grad(const Planned& param, PyObject* grad, size_t index, int grad_dtype,
                               uintptr_t* address, std::vector<py::object>* alive) {
   const TensorName name{index, TensorName::kGrad};
   Layout layout;
   if (!read_layout(grad, &layout, name)) return false;
-  if (!same_layout_as(param, layout)) return fail(name, " is not laid out like its param");
+  if (!same_layout_as(param, layout, /*any_kernel_dtype=*/true)) {
+    return fail(name, " is not laid out like its param");
+  }
+  if (reads_->kernel_dtype(layout) != grad_dtype) return fail(name, " is not of the call's grad dtype");
   if (const char* problem = memory_problem(grad, layout)) return fail(name, problem);
   PyObject* storage = reads_->call(grad, TensorReads::kUntypedStorage);
   if (storage == nullptr) {
@@ -595,7 +601,9 @@ bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool che
     for (size_t k = 0; k < num_keys; ++k) {
       const Planned& state = of_param[1 + k];
       const TensorName state_name{i, static_cast<Py_ssize_t>(k)};
-      if ((*lists.lists[k])[i] != state.layout.address) {
+      if ((*lists.lists[k])[i] != state.layout.address ||
+          (static_cast<Py_ssize_t>(k) != step_key_ &&
+           state.kernel_dtype != static_cast<int>(args.state_dtype))) {
         return fail("the call's arguments for " + describe(state_name) + " changed");
       }
       if (check_state_dicts &&
@@ -622,7 +630,9 @@ bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool che
       return fail(param_name, " has no grad");
     }
     alive->push_back(py::reinterpret_steal<py::object>(grad));
-    if (!verify_grad(*of_param, grad, i, &args.grads[i], alive)) return false;
+    if (!verify_grad(*of_param, grad, i, static_cast<int>(args.grad_dtype), &args.grads[i], alive)) {
+      return false;
+    }
   }
   return true;
 }

@@ -140,10 +140,13 @@ class LaunchCheck {
   // the storage's base and the bytes needed from it.
   bool storage_covers(PyObject* storage, const Layout& layout, uintptr_t* base, uint64_t* needed);
   Planned record(PyObject* tensor, const TensorName& name);
-  bool same_layout_as(const Planned& planned, const Layout& layout) const;
+  // Same device, shape and element strides as `planned`, and same dtype unless
+  // `any_kernel_dtype` (a state or grad in another storage type, NOTE: [precision]):
+  // then as many kernel elements of a kernel dtype, so complex stays complex.
+  bool same_layout_as(const Planned& planned, const Layout& layout, bool any_kernel_dtype) const;
   bool matches(const Planned& planned, PyObject* tensor, const TensorName& name);
-  bool verify_grad(const Planned& param, PyObject* grad, size_t index, uintptr_t* address,
-                   std::vector<py::object>* alive);
+  bool verify_grad(const Planned& param, PyObject* grad, size_t index, int grad_dtype,
+                   uintptr_t* address, std::vector<py::object>* alive);
   bool fail(const std::string& why);
   // The state dict's value under state key k, found without calling any Python
   // (a user key's `__eq__` could run anything); null if there is none.

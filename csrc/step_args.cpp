@@ -74,12 +74,13 @@ void check_list(const std::vector<uintptr_t>& list, size_t expected, const char*
 
 void check_lists(const AdamStepArgs& args) {
   const size_t n = args.numels.size();
-  const size_t alignment = element_bytes(args.dtype);
-  check_list(args.params, n, "params", args.numels, alignment);
-  check_list(args.grads, n, "grads", args.numels, alignment);
-  check_list(args.exp_avgs, n, "exp_avgs", args.numels, alignment);
-  check_list(args.exp_avg_sqs, n, "exp_avg_sqs", args.numels, alignment);
-  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs", args.numels, alignment);
+  const size_t state_alignment = element_bytes(args.state_dtype);
+  check_list(args.params, n, "params", args.numels, element_bytes(args.dtype));
+  check_list(args.grads, n, "grads", args.numels, element_bytes(args.grad_dtype));
+  check_list(args.exp_avgs, n, "exp_avgs", args.numels, state_alignment);
+  check_list(args.exp_avg_sqs, n, "exp_avg_sqs", args.numels, state_alignment);
+  check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs", args.numels,
+             state_alignment);
   // Every counter is read and written, whatever its tensor's element count.
   const std::vector<int64_t> one_each(n, 1);
   check_list(args.steps, n, "steps", one_each, sizeof(float));
@@ -87,11 +88,10 @@ void check_lists(const AdamStepArgs& args) {
 
 void check_lists(const SgdwStepArgs& args) {
   const size_t n = args.numels.size();
-  const size_t alignment = element_bytes(args.dtype);
-  check_list(args.params, n, "params", args.numels, alignment);
-  check_list(args.grads, n, "grads", args.numels, alignment);
+  check_list(args.params, n, "params", args.numels, element_bytes(args.dtype));
+  check_list(args.grads, n, "grads", args.numels, element_bytes(args.grad_dtype));
   check_list(args.momentum_buffers, args.momentum_mode == Momentum::kNone ? 0 : n,
-             "momentum_buffers", args.numels, alignment);
+             "momentum_buffers", args.numels, element_bytes(args.state_dtype));
 }
 
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {

@@ -52,6 +52,9 @@ else:
 # Storage dtypes the compiled kernels step; complex64 steps as pairs of float32.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 # Storage dtypes the reference steps (math in fp32, or float64 for float64 storage).
+# Params that may keep float32 state and take float32 grads (NOTE: [precision] in
+# csrc/include/fusedopt/dispatch.h).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64, torch.complex128)
 
 
@@ -298,24 +301,26 @@ def check_aligned(param, where):
             "aligned memory (p.data = p.data.clone()) or use backend='reference'")
 
 
-def needs_relayout(tensor, param, use_kernel):
+def needs_relayout(tensor, param, use_kernel, dtype=None):
     """Whether the step must work on a copy of a grad or state tensor laid out like
-    `param`: the kernel walks dense, aligned memory in the param's order; the
-    reference writes state in place, which an overlapping view refuses; neither reads
-    a lazily negated or conjugated view as its values."""
+    `param` (and of `dtype`, if given): the kernel walks dense, aligned memory in the
+    param's order; the reference writes state in place, which an overlapping view
+    refuses; neither reads a lazily negated or conjugated view as its values."""
     tensor, param = local(tensor), local(param)
-    if tensor.is_neg() or tensor.is_conj():
+    if tensor.is_neg() or tensor.is_conj() or (dtype is not None and tensor.dtype != dtype):
         return True  # both paths read and write plain values
     if use_kernel:
         return not same_layout(tensor, param) or not is_aligned(tensor)
     return overlaps_itself(tensor)
 
 
-def relaid_out(tensor, param):
+def relaid_out(tensor, param, dtype=None):
     """A copy of `tensor`'s values in fresh memory laid out like `param` (a DTensor
-    like a DTensor param: its local shard laid out like the param's)."""
+    like a DTensor param: its local shard laid out like the param's), in `dtype`
+    (by default the tensor's own)."""
     with torch.no_grad():
-        return torch.empty_like(param, memory_format=torch.preserve_format).copy_(tensor)
+        return torch.empty_like(param, dtype=dtype or tensor.dtype,
+                                memory_format=torch.preserve_format).copy_(tensor)
 
 
 def memory_range(tensor, name):
@@ -338,8 +343,10 @@ def check_grad(param, grad, where):
     check_dtensor(param, grad, "the gradient", where)
     if grad.device != param.device:
         raise ValueError(f"{where} is on {param.device} but its gradient is on {grad.device}")
-    if grad.dtype != param.dtype:
-        raise ValueError(f"{where} is {param.dtype} but its gradient is {grad.dtype}")
+    if grad.dtype != param.dtype and not (grad.dtype == torch.float32 and param.dtype in LOW_PRECISION):
+        raise ValueError(
+            f"{where} is {param.dtype} but its gradient is {grad.dtype}; a gradient is of its "
+            "param's dtype, or float32 for a bfloat16 or float16 param")
     if grad.shape != param.shape:
         raise ValueError(
             f"{where} has shape {tuple(param.shape)} but its gradient has shape {tuple(grad.shape)}"
@@ -366,10 +373,13 @@ def check_state(param, tensor, key, where):
         raise ValueError(f"state '{key}' of {where} is {type(tensor).__name__}, not a tensor")
     check_tensor_type(tensor, f"state '{key}' of {where}")
     check_dtensor(param, tensor, f"state '{key}'", where)
-    if tensor.shape != param.shape or tensor.dtype != param.dtype or tensor.device != param.device:
+    state_dtype_fits = tensor.dtype == param.dtype or (
+        tensor.dtype == torch.float32 and param.dtype in LOW_PRECISION)
+    if tensor.shape != param.shape or not state_dtype_fits or tensor.device != param.device:
         raise ValueError(
             f"state '{key}' of {where} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; "
-            f"the param is {param.dtype} {tuple(param.shape)} on {param.device}"
+            f"the param is {param.dtype} {tuple(param.shape)} on {param.device} (state is of "
+            "the param's dtype, or float32 for a bfloat16 or float16 param)"
         )
     if tensor.layout != torch.strided:
         raise ValueError(f"state '{key}' of {where} is {tensor.layout}; fusedopt keeps dense state")

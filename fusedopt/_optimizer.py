@@ -33,14 +33,15 @@ class Batch:
     """Params of one group that share a dtype and a path (kernel or reference), with
     their grads and, per param, the state the step works on before it is committed."""
 
-    __slots__ = ("group", "group_index", "hyper", "use_kernel", "params", "kernel_params",
-                 "param_indices", "grads", "states", "working")
+    __slots__ = ("group", "group_index", "hyper", "use_kernel", "state_dtype", "params",
+                 "kernel_params", "param_indices", "grads", "states", "working")
 
-    def __init__(self, group, group_index, hyper, use_kernel):
+    def __init__(self, group, group_index, hyper, use_kernel, state_dtype):
         self.group = group
         self.group_index = group_index
         self.hyper = hyper
         self.use_kernel = use_kernel
+        self.state_dtype = state_dtype  # of every state tensor shaped like a param
         self.params = []
         self.kernel_params = []  # the memory stepped: the param, or a DTensor's local shard
         self.param_indices = []  # each param's index in its group, for messages
@@ -288,18 +289,21 @@ class FusedOptimizer(Optimizer):
                     "memory, so give it resolved data (p.data = p.data.resolve_conj().resolve_neg())"
                 )
             _backend.check_memory(param, where)
-            use_kernel = self._use_kernel(device, kernel_param, where)
-            batch = batches.get((param.dtype, use_kernel))
+            state_dtype = self._state_dtype(group, param)
+            use_kernel = self._use_kernel(device, kernel_param, where, grad.dtype, state_dtype)
+            batch = batches.get((param.dtype, grad.dtype, use_kernel))
             if batch is None:
-                batch = batches[(param.dtype, use_kernel)] = Batch(group, group_index, hyper, use_kernel)
+                batch = batches[(param.dtype, grad.dtype, use_kernel)] = Batch(
+                    group, group_index, hyper, use_kernel, state_dtype)
             state = self.state.get(param)  # .get: planning adds no entries
             working = dict(state) if state else {}
             if state:
                 self._check_existing_state(param, state, state_keys, where)
                 for key in state_keys:
                     tensor = state.get(key)
-                    if tensor is not None and _backend.needs_relayout(tensor, param, use_kernel):
-                        working[key] = _backend.relaid_out(tensor, param)
+                    if tensor is not None and _backend.needs_relayout(tensor, param, use_kernel,
+                                                                      state_dtype):
+                        working[key] = _backend.relaid_out(tensor, param, state_dtype)
             if _backend.needs_relayout(grad, param, use_kernel):
                 grad = _backend.relaid_out(grad, param)  # a copy that holds the values
             batch.params.append(param)
@@ -357,7 +361,16 @@ class FusedOptimizer(Optimizer):
                     f"{next_name} shares memory with {name}; a step would write that memory "
                     "twice. Give each its own tensor (e.g. .clone())")
 
-    def _use_kernel(self, device, param, where):
+    def _state_dtype(self, group, param):
+        """The dtype of `param`'s state tensors: its own, or float32 for a bfloat16 or
+        float16 param of a group made with state_dtype=torch.float32."""
+        state_dtype = group.get("state_dtype")
+        check_state_dtype(state_dtype)
+        if state_dtype == torch.float32 and param.dtype in _backend.LOW_PRECISION:
+            return torch.float32
+        return param.dtype
+
+    def _use_kernel(self, device, param, where, grad_dtype, state_dtype):
         if self.backend == "reference":
             return False
         reason = None
@@ -365,6 +378,9 @@ class FusedOptimizer(Optimizer):
             reason = _backend.kernel_unavailable_reason(device.type)
         elif param.dtype not in _backend.KERNEL_DTYPES:
             reason = f"fusedopt kernels do not step {param.dtype} params"
+        elif grad_dtype != param.dtype and state_dtype != torch.float32:
+            reason = (f"fusedopt kernels step {grad_dtype} grads of {param.dtype} params with "
+                      "float32 state only (state_dtype=torch.float32)")
         elif not _backend.is_dense(param):
             reason = ("fusedopt kernels step dense params only, and a param is a strided view "
                       "with gaps")
@@ -400,13 +416,15 @@ class FusedOptimizer(Optimizer):
             finally:
                 self._optimizer_load_state_dict_pre_hooks = pre_hooks
             self._steady_plans.clear()
-            for group in self.param_groups:
-                for param in group["params"]:
+            saved_state = state_dict["state"]
+            for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+                for param, saved_id in zip(group["params"], saved_group["params"]):
                     state = self.state.get(param)
                     if state:
-                        self._normalize_loaded_state(param, state, group)
+                        self._normalize_loaded_state(param, state, group, saved_state.get(saved_id))
 
-    _own_group_keys = ("decouple_lr", "lr_max")  # fusedopt's; torch.optim's groups lack them
+    # fusedopt's group keys; torch.optim's groups lack them
+    _own_group_keys = ("decouple_lr", "lr_max", "state_dtype")
 
     def _with_own_group_keys(self, state_dict):
         """A torch.optim checkpoint has no fusedopt-only group keys: each loaded group
@@ -458,23 +476,38 @@ class FusedOptimizer(Optimizer):
                 if "step" in state:
                     _backend.check_loaded_step(state["step"], where)
 
-    def _normalize_loaded_state(self, param, state, group):
+    def _normalize_loaded_state(self, param, state, group, saved):
         """torch.optim leaves `step` where the checkpoint had it; fusedopt keeps it on the
-        host as float32, and gives every state tensor the param's memory layout."""
+        host as float32, and gives every state tensor the param's memory layout and the
+        group's state dtype. torch.optim's load casts state to the param's dtype: float32
+        state of a bfloat16 or float16 param is taken again from the checkpoint (`saved`)."""
         if "step" in state:
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device="cpu")
+        state_dtype = self._state_dtype(group, param)
         for key in self._state_keys(group):
             tensor = state.get(key)
-            if isinstance(tensor, torch.Tensor) and not _backend.same_layout(tensor, param):
-                state[key] = _backend.relaid_out(tensor, param)
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            from_checkpoint = state_dtype != param.dtype and isinstance(saved.get(key), torch.Tensor)
+            if from_checkpoint:
+                tensor = saved[key]  # copied below, as torch.optim's load copies
+            if from_checkpoint or tensor.dtype != state_dtype or not _backend.same_layout(tensor, param):
+                state[key] = _backend.relaid_out(tensor.to(param.device), param, state_dtype)
 
 
 def _index_of(groups, group):
     return next(index for index, candidate in enumerate(groups) if candidate is group)
 
 
-def tensors_like(params, zeroed):
-    """New tensors shaped and laid out like `params`, zero-filled when `zeroed`.
+def check_state_dtype(state_dtype):
+    if state_dtype not in (None, torch.float32):
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r}; None (the params' dtype) or "
+                         "torch.float32 (for bfloat16 and float16 params)")
+
+
+def tensors_like(params, zeroed, dtype=None):
+    """New tensors shaped and laid out like `params` (of `dtype`, by default each
+    param's), zero-filled when `zeroed`.
 
     torch allocates a tensor's bookkeeping objects on the heap right next to its
     data, so state made one tensor at a time scatters them over a page per tensor.
@@ -483,14 +516,14 @@ def tensors_like(params, zeroed):
     (NOTE: [launch check] in csrc/launch_check.cpp).
     """
     shells = [
-        torch.empty(0, dtype=param.dtype, device=param.device)
+        torch.empty(0, dtype=dtype or param.dtype, device=param.device)
         if param.is_contiguous() and not _backend.is_dtensor(param) else None
         for param in params
     ]
     tensors = []
     for param, shell in zip(params, shells):
         if shell is None:
-            tensor = torch.empty_like(param, memory_format=torch.preserve_format)
+            tensor = torch.empty_like(param, dtype=dtype or param.dtype, memory_format=torch.preserve_format)
         else:
             tensor = shell.resize_(param.shape)
         tensors.append(tensor.zero_() if zeroed else tensor)
@@ -512,8 +545,8 @@ class SteadyPlan:
     mixed dtypes, the reference path) takes the full planning.
     """
 
-    __slots__ = ("state_keys", "backend", "device", "check", "args", "written", "ranges",
-                 "params", "shards")
+    __slots__ = ("state_keys", "state_dtype", "backend", "device", "check", "args", "written",
+                 "ranges", "params", "shards")
 
     @classmethod
     def try_build(cls, optimizer, group, batches):
@@ -533,6 +566,7 @@ class SteadyPlan:
             return None
         plan = cls()
         plan.state_keys = optimizer._state_keys(group)
+        plan.state_dtype = group.get("state_dtype")
         plan.backend = optimizer.backend
         plan.device = batch.kernel_params[0].device
         plan.args = calls[0][0]
@@ -560,7 +594,7 @@ class SteadyPlan:
     def usable(self, optimizer, group):
         """Whether the plan was built for the group as it is configured now."""
         return (optimizer._state_keys(group) == self.state_keys and optimizer.backend == self.backend
-                and type(group["params"]) is list)
+                and group.get("state_dtype") == self.state_dtype and type(group["params"]) is list)
 
     def set_hyperparameters(self, optimizer, hyper):
         optimizer._set_kernel_hyperparameters(self.args, hyper)

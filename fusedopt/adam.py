@@ -29,6 +29,10 @@ class Adam(FusedOptimizer):
     lr_max: the lr at which the decay is weight_decay itself; by default each param
         group's lr when it is added. Both are param group keys, saved by
         `state_dict()`; a group that uses neither holds torch.optim's keys only.
+    state_dtype: None keeps state in each param's dtype (torch.optim's layout);
+        torch.float32 keeps the state of bfloat16 and float16 params in float32.
+        Either way their grads may be float32 (`param.grad_dtype = torch.float32`);
+        the kernels step those with float32 state. A param group key when given.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay=False,
         decouple_lr=False,
         lr_max=None,
+        state_dtype=None,
         backend="auto",
     ):
         _backend.check_lr(lr)
@@ -69,6 +74,7 @@ class Adam(FusedOptimizer):
         if differentiable:
             raise ValueError("differentiable=True is not supported by fusedopt")
         _weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled_weight_decay)
+        _optimizer.check_state_dtype(state_dtype)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -84,6 +90,8 @@ class Adam(FusedOptimizer):
         )
         if decouple_lr or lr_max is not None:  # else the groups hold torch.optim's keys only
             defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
+        if state_dtype is not None:
+            defaults.update(state_dtype=state_dtype)
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):
@@ -145,7 +153,8 @@ class Adam(FusedOptimizer):
                 missing.append((state, "max_exp_avg_sq", param))
         fresh = [state for state in batch.working if "step" not in state]
         steps = [torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in fresh]
-        tensors = _optimizer.tensors_like([param for _, _, param in missing], zeroed=True)
+        tensors = _optimizer.tensors_like([param for _, _, param in missing], zeroed=True,
+                                          dtype=batch.state_dtype)
         for state, step in zip(fresh, steps):
             state["step"] = step
         for (state, key, _), tensor in zip(missing, tensors):
@@ -163,6 +172,8 @@ class Adam(FusedOptimizer):
         args.steps = [batch.kernel_state(i, "step").data_ptr() for i in every]
         args.numels = [_backend.kernel_numel(p) for p in batch.kernel_params]
         args.dtype = _backend.KERNEL_CODES[batch.params[0].dtype]
+        args.grad_dtype = _backend.KERNEL_CODES[batch.grads[0].dtype]
+        args.state_dtype = _backend.KERNEL_CODES[batch.state_dtype]
         self._set_kernel_hyperparameters(args, batch.hyper)
         return [(args, range(len(batch.params)))]
 
@@ -203,7 +214,7 @@ class Adam(FusedOptimizer):
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter, Algorithm 2): Adam with decoupled weight decay,
     p <- p * (1 - lr * weight_decay). Arguments and defaults of torch.optim.AdamW;
-    `decouple_lr`, `lr_max` and `backend` as for fusedopt.Adam."""
+    `decouple_lr`, `lr_max`, `state_dtype` and `backend` as for fusedopt.Adam."""
 
     def __init__(
         self,
@@ -221,6 +232,7 @@ class AdamW(Adam):
         fused=None,
         decouple_lr=False,
         lr_max=None,
+        state_dtype=None,
         backend="auto",
     ):
         super().__init__(
@@ -238,6 +250,7 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             decouple_lr=decouple_lr,
             lr_max=lr_max,
+            state_dtype=state_dtype,
             backend=backend,
         )
 

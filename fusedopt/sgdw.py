@@ -21,6 +21,7 @@ class SGDW(FusedOptimizer):
 
     decouple_lr, lr_max: the decay follows the schedule multiplier lr / lr_max,
         p <- p * (1 - (lr / lr_max) * weight_decay), as for fusedopt.Adam.
+    state_dtype: the momentum buffers' dtype, as for fusedopt.Adam.
     backend: as for fusedopt.Adam.
     """
 
@@ -39,12 +40,14 @@ class SGDW(FusedOptimizer):
         fused=None,
         decouple_lr=False,
         lr_max=None,
+        state_dtype=None,
         backend="auto",
     ):
         _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
         if differentiable:
             raise ValueError("differentiable=True is not supported by fusedopt")
         _weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled=True)
+        _optimizer.check_state_dtype(state_dtype)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -58,6 +61,8 @@ class SGDW(FusedOptimizer):
         )
         if decouple_lr or lr_max is not None:  # else the groups hold torch.optim's keys only
             defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
+        if state_dtype is not None:
+            defaults.update(state_dtype=state_dtype)
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):
@@ -98,32 +103,35 @@ class SGDW(FusedOptimizer):
         h = batch.hyper
         every = range(len(batch.params))
         if h["momentum"] == 0:
-            return [(self._make_args(batch.kernel_params, batch.grads, [], h, "none"), every)]
+            return [(self._make_args(batch, batch.kernel_params, batch.grads, [], "none"), every)]
         states = batch.working
         running = [i for i in every if states[i].get("momentum_buffer") is not None]
         first = [i for i in every if states[i].get("momentum_buffer") is None]
-        buffers = _optimizer.tensors_like([batch.params[i] for i in first], zeroed=False)
+        buffers = _optimizer.tensors_like([batch.params[i] for i in first], zeroed=False,
+                                          dtype=batch.state_dtype)
         for index, buffer in zip(first, buffers):
             states[index]["momentum_buffer"] = buffer
         return [
-            (self._make_args([batch.kernel_params[i] for i in indices],
+            (self._make_args(batch, [batch.kernel_params[i] for i in indices],
                              [batch.grads[i] for i in indices],
-                             [batch.kernel_state(i, "momentum_buffer") for i in indices], h, mode),
+                             [batch.kernel_state(i, "momentum_buffer") for i in indices], mode),
              indices)
             for indices, mode in ((running, "running"), (first, "first_step"))
             if indices
         ]
 
-    def _make_args(self, params, grads, buffers, hyper, momentum_mode):
+    def _make_args(self, batch, params, grads, buffers, momentum_mode):
         C = _backend._C
         args = C.SgdwStepArgs()
         args.params = [p.data_ptr() for p in params]
         args.grads = [g.data_ptr() for g in grads]
         args.momentum_buffers = [b.data_ptr() for b in buffers]
         args.numels = [_backend.kernel_numel(p) for p in params]
-        args.dtype = _backend.KERNEL_CODES[params[0].dtype]
+        args.dtype = _backend.KERNEL_CODES[batch.params[0].dtype]
+        args.grad_dtype = _backend.KERNEL_CODES[batch.grads[0].dtype]
+        args.state_dtype = _backend.KERNEL_CODES[batch.state_dtype]
         args.momentum_mode = getattr(C.Momentum, momentum_mode)
-        self._set_kernel_hyperparameters(args, hyper)
+        self._set_kernel_hyperparameters(args, batch.hyper)
         return args
 
     def _set_kernel_hyperparameters(self, args, hyper):
@@ -142,7 +150,8 @@ class SGDW(FusedOptimizer):
             buffer = state.get("momentum_buffer")
             first_step = buffer is None
             if h["momentum"] != 0 and first_step:
-                buffer = torch.empty_like(param, memory_format=torch.preserve_format)
+                buffer = torch.empty_like(param, dtype=batch.state_dtype,
+                                          memory_format=torch.preserve_format)
                 state["momentum_buffer"] = buffer
             reference.sgdw_step_(kernel_param, grad, _backend.local(buffer) if buffer is not None
                                  else None, first_step=first_step, **h)

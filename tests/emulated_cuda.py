@@ -24,6 +24,12 @@ RECORD = np.dtype([("address", "<u8"), ("bytes", "<u4"), ("write", "<u4"), ("lau
 ELEMENT_BYTES = {C.ScalarType.float32: 4, C.ScalarType.bfloat16: 2, C.ScalarType.float16: 2}
 
 
+def list_element_bytes(args, num_lists):
+    """Bytes per element of each list: the param, the grad, then the states."""
+    states = [ELEMENT_BYTES[args.state_dtype]] * (num_lists - 2)
+    return [ELEMENT_BYTES[args.dtype], ELEMENT_BYTES[args.grad_dtype]] + states
+
+
 def kernel_lists(kernel_name, args):
     """The call's pointer lists in kernel order, and which of them the kernel only writes."""
     if kernel_name == "adam_step":
@@ -37,6 +43,7 @@ def kernel_lists(kernel_name, args):
 
 
 def owners(numels, lists, element_bytes, first_launch):
+    """`element_bytes` holds each list's bytes per element."""
     """A function from (tensor, element) arrays to the (launch, block, thread) that own them."""
     chunk = emulated.active_chunk_elements()
     max_tensors, max_chunks = emulated.launch_capacity(len(lists))
@@ -49,15 +56,18 @@ def owners(numels, lists, element_bytes, first_launch):
         launch_of[flat] = first_launch + launch
         block_of[flat] = np.arange(len(slots))
     addresses = np.asarray(lists, dtype=np.uint64).reshape(len(lists), -1)  # [list, tensor]
-    vector = VECTOR_BYTES // element_bytes
+    # A vector holds as many elements as 16 bytes of the widest list.
+    vector = VECTOR_BYTES // max(element_bytes)
+    list_bytes = np.asarray(element_bytes, dtype=np.uint64)[:, None]
 
     def owner(tensor, elements):
         chunk_index = elements // chunk
         begin = chunk_index * chunk
         length = np.minimum(chunk, numels[tensor] - begin)
-        # The kernel takes the vector path for a chunk only if every list's chunk start is 16-byte aligned.
-        chunk_starts = addresses[:, tensor] + (begin * element_bytes).astype(np.uint64)
-        aligned = np.all(chunk_starts % VECTOR_BYTES == 0, axis=0)
+        # The kernel takes the vector path for a chunk only if every list's chunk start is
+        # aligned to that list's vector.
+        chunk_starts = addresses[:, tensor] + begin.astype(np.uint64) * list_bytes
+        aligned = np.all(chunk_starts % (list_bytes * np.uint64(vector)) == 0, axis=0)
         vector_end = np.where(aligned, length - length % vector, 0)
         within = elements - begin
         thread = np.where(within < vector_end, (within // vector) % BLOCK_THREADS,
@@ -72,10 +82,10 @@ def check_accesses(kernel_name, args, records, first_launch):
     """Asserts what the module docstring says of one call; returns the elements checked."""
     lists, write_only = kernel_lists(kernel_name, args)
     numels = list(args.numels)
-    element_bytes = ELEMENT_BYTES[args.dtype]
+    list_bytes = list_element_bytes(args, len(lists))
     records = np.frombuffer(records, dtype=RECORD)
     # Each list's part of each non-empty tensor is a region; regions sorted by address.
-    regions = sorted((address, address + n * element_bytes, l, t)
+    regions = sorted((address, address + n * list_bytes[l], l, t)
                      for l, addresses in enumerate(lists)
                      for t, (address, n) in enumerate(zip(addresses, numels)) if n)
     if not regions:
@@ -88,6 +98,7 @@ def check_accesses(kernel_name, args, records, first_launch):
     inside = (region >= 0) & (records["address"] + records["bytes"] <= ends[np.maximum(region, 0)])
     assert inside.all(), f"{(~inside).sum()} accesses outside every tensor, e.g. {records[~inside][:3]}"
     offsets = (records["address"] - starts[region]).astype(np.int64)
+    element_bytes = np.asarray(list_bytes, dtype=np.int64)[region_list[region]]  # per record
     assert np.all(offsets % element_bytes == 0) and np.all(records["bytes"] % element_bytes == 0)
 
     # One row per element touched: a 16-byte vector access touches several.
@@ -98,7 +109,7 @@ def check_accesses(kernel_name, args, records, first_launch):
     write = np.repeat(records["write"].astype(bool), counts)
 
     # Reads and writes per element of every region, against what the kernel must do.
-    sizes = (ends - starts).astype(np.int64) // element_bytes
+    sizes = (ends - starts).astype(np.int64) // np.asarray(list_bytes, dtype=np.int64)[region_list]
     region_base = np.concatenate([[0], np.cumsum(sizes)])
     flat = region_base[element_region] + element
     reads = np.bincount(flat[~write], minlength=region_base[-1])
@@ -114,7 +125,7 @@ def check_accesses(kernel_name, args, records, first_launch):
                 f"{what} {actual[wrong[0]]} times, expected {expected[wrong[0]]} ({len(wrong)} such elements)")
 
     # Every access by the launch, block and thread that own the element.
-    launch, block, thread = owners(numels, lists, element_bytes, first_launch)(
+    launch, block, thread = owners(numels, lists, list_bytes, first_launch)(
         region_tensor[element_region], element)
     for field, expected in (("launch", launch), ("block", block), ("thread", thread)):
         actual = np.repeat(records[field].astype(np.int64), counts)
@@ -183,7 +194,7 @@ def host_args(kernel_name, tensors_per_list, **hyper):
         setattr(args, name, [t.data_ptr() for t in tensors])
     first = next(iter(tensors_per_list.values()))
     args.numels = [_backend.kernel_numel(t) for t in first]
-    args.dtype = _backend.KERNEL_CODES[first[0].dtype]
+    args.dtype = args.grad_dtype = args.state_dtype = _backend.KERNEL_CODES[first[0].dtype]
     for key, value in hyper.items():
         setattr(args, key, value)
     return args

@@ -199,12 +199,14 @@ def test_no_cuda_kernels_are_offered_without_a_usable_driver(error, cuda_build_o
     optimizer = fusedopt.AdamW([torch.nn.Parameter(torch.randn(3))], backend="auto")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not optimizer._use_kernel(torch.device("cuda", 0), torch.empty(3), "param 0")
+        assert not optimizer._use_kernel(torch.device("cuda", 0), torch.empty(3), "param 0",
+                                         torch.float32, torch.float32)
     assert any("no usable device" in str(w.message) and "reference implementation" in str(w.message)
                for w in caught)
     kernel_only = fusedopt.AdamW([torch.nn.Parameter(torch.randn(3))], backend="kernel")
     with pytest.raises(RuntimeError, match="backend='kernel', but fusedopt's CUDA kernels cannot run here"):
-        kernel_only._use_kernel(torch.device("cuda", 0), torch.empty(3), "param 0")
+        kernel_only._use_kernel(torch.device("cuda", 0), torch.empty(3), "param 0", torch.float32,
+                                torch.float32)
 
 
 def test_cuda_kernels_are_offered_with_a_working_driver(cuda_build_on_emulated_runtime):

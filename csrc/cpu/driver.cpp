@@ -108,8 +108,8 @@ void* const* as_pointers(const std::vector<T>& list) {
 void adam_step(const AdamStepArgs& args, int num_threads) {
   check_parallel_runtime();
   check_lists(args);
-  const AdamChunkKernel kernel =
-      table().adam(args.dtype, args.decay, args.amsgrad, args.maximize);
+  const AdamChunkKernel kernel = table().adam({args.dtype, args.grad_dtype, args.state_dtype},
+                                              args.decay, args.amsgrad, args.maximize);
   const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
   const std::vector<AdamScalars> scalars = advance_adam_steps(args);
   const AdamKernelArgs kernel_args{as_pointers(args.params),      as_pointers(args.grads),
@@ -121,8 +121,9 @@ void adam_step(const AdamStepArgs& args, int num_threads) {
 void sgdw_step(const SgdwStepArgs& args, int num_threads) {
   check_parallel_runtime();
   check_lists(args);
-  const SgdwChunkKernel kernel = table().sgdw(args.dtype, args.weight_decay != 0.0,
-                                              args.momentum_mode, args.nesterov, args.maximize);
+  const SgdwChunkKernel kernel =
+      table().sgdw({args.dtype, args.grad_dtype, args.state_dtype}, args.weight_decay != 0.0,
+                   args.momentum_mode, args.nesterov, args.maximize);
   const SgdwKernelArgs kernel_args{as_pointers(args.params), as_pointers(args.grads),
                                    as_pointers(args.momentum_buffers), sgdw_scalars(args)};
   run(plan_work(args.numels), num_threads, kernel_args, kernel);

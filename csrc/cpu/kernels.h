@@ -32,11 +32,19 @@ struct SgdwKernelArgs {
 using AdamChunkKernel = void (*)(const AdamKernelArgs&, const Chunk&);
 using SgdwChunkKernel = void (*)(const SgdwKernelArgs&, const Chunk&);
 
+// The storage types of a call's params, grads and states (NOTE: [precision]).
+struct Precision {
+  ScalarType param;
+  ScalarType grad;
+  ScalarType state;
+};
+
 struct KernelTable {
   const char* isa;
-  AdamChunkKernel (*adam)(ScalarType dtype, WeightDecay decay, bool amsgrad, bool maximize);
-  SgdwChunkKernel (*sgdw)(ScalarType dtype, bool decoupled_decay, Momentum momentum, bool nesterov,
+  AdamChunkKernel (*adam)(const Precision& precision, WeightDecay decay, bool amsgrad,
                           bool maximize);
+  SgdwChunkKernel (*sgdw)(const Precision& precision, bool decoupled_decay, Momentum momentum,
+                          bool nesterov, bool maximize);
 };
 
 // Defined by kernels_impl.h, once per ISA translation unit.

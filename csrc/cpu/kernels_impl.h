@@ -15,15 +15,16 @@ namespace {
 // One pass over a chunk: each element of every list is loaded once, updated in
 // fp32 registers and stored once. Plain indexed loops over __restrict pointers, so
 // the compiler vectorizes the whole body, conversions included.
-template <typename ParamT, typename GradT, WeightDecay kDecay, bool kAmsgrad, bool kMaximize>
+template <typename ParamT, typename GradT, typename StateT, WeightDecay kDecay, bool kAmsgrad,
+          bool kMaximize>
 void adam_chunk(const AdamKernelArgs& args, const Chunk& chunk) {
   const int64_t t = chunk.tensor;
   ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
   const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
-  ParamT* __restrict exp_avg = static_cast<ParamT*>(args.exp_avgs[t]) + chunk.begin;
-  ParamT* __restrict exp_avg_sq = static_cast<ParamT*>(args.exp_avg_sqs[t]) + chunk.begin;
-  ParamT* __restrict max_exp_avg_sq =
-      kAmsgrad ? static_cast<ParamT*>(args.max_exp_avg_sqs[t]) + chunk.begin : nullptr;
+  StateT* __restrict exp_avg = static_cast<StateT*>(args.exp_avgs[t]) + chunk.begin;
+  StateT* __restrict exp_avg_sq = static_cast<StateT*>(args.exp_avg_sqs[t]) + chunk.begin;
+  StateT* __restrict max_exp_avg_sq =
+      kAmsgrad ? static_cast<StateT*>(args.max_exp_avg_sqs[t]) + chunk.begin : nullptr;
   const AdamScalars scalars = args.scalars[t];
   const int64_t n = chunk.end - chunk.begin;
   for (int64_t i = 0; i < n; ++i) {
@@ -34,21 +35,21 @@ void adam_chunk(const AdamKernelArgs& args, const Chunk& chunk) {
     if constexpr (kAmsgrad) v_max = to_float(max_exp_avg_sq[i]);
     adam_update<kDecay, kAmsgrad, kMaximize>(p, to_float(grad[i]), m, v, v_max, scalars);
     param[i] = from_float<ParamT>(p);
-    exp_avg[i] = from_float<ParamT>(m);
-    exp_avg_sq[i] = from_float<ParamT>(v);
-    if constexpr (kAmsgrad) max_exp_avg_sq[i] = from_float<ParamT>(v_max);
+    exp_avg[i] = from_float<StateT>(m);
+    exp_avg_sq[i] = from_float<StateT>(v);
+    if constexpr (kAmsgrad) max_exp_avg_sq[i] = from_float<StateT>(v_max);
   }
 }
 
-template <typename ParamT, typename GradT, bool kDecoupledDecay, Momentum kMomentum, bool kNesterov,
-          bool kMaximize>
+template <typename ParamT, typename GradT, typename StateT, bool kDecoupledDecay, Momentum kMomentum,
+          bool kNesterov, bool kMaximize>
 void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
   constexpr bool kHasBuffer = kMomentum != Momentum::kNone;
   const int64_t t = chunk.tensor;
   ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
   const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
-  ParamT* __restrict buffer =
-      kHasBuffer ? static_cast<ParamT*>(args.momentum_buffers[t]) + chunk.begin : nullptr;
+  StateT* __restrict buffer =
+      kHasBuffer ? static_cast<StateT*>(args.momentum_buffers[t]) + chunk.begin : nullptr;
   const SgdScalars scalars = args.scalars;
   const int64_t n = chunk.end - chunk.begin;
   for (int64_t i = 0; i < n; ++i) {
@@ -57,32 +58,39 @@ void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
     if constexpr (kMomentum == Momentum::kRunning) b = to_float(buffer[i]);
     sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(p, to_float(grad[i]), b, scalars);
     param[i] = from_float<ParamT>(p);
-    if constexpr (kHasBuffer) buffer[i] = from_float<ParamT>(b);
+    if constexpr (kHasBuffer) buffer[i] = from_float<StateT>(b);
   }
 }
 
-AdamChunkKernel select_adam(ScalarType dtype, WeightDecay decay, bool amsgrad, bool maximize) {
-  return with_scalar_type(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
+AdamChunkKernel select_adam(const Precision& precision, WeightDecay decay, bool amsgrad,
+                            bool maximize) {
+  return with_precision(precision.param, precision.grad, precision.state,
+                        [&](auto param, auto grad, auto state) {
+    using P = typename decltype(param)::type;
+    using G = typename decltype(grad)::type;
+    using S = typename decltype(state)::type;
     return with_weight_decay(decay, [&](auto kDecay) {
       return with_bool(amsgrad, [&](auto kAmsgrad) {
         return with_bool(maximize, [&](auto kMaximize) -> AdamChunkKernel {
-          return &adam_chunk<T, T, kDecay.value, kAmsgrad.value, kMaximize.value>;
+          return &adam_chunk<P, G, S, kDecay.value, kAmsgrad.value, kMaximize.value>;
         });
       });
     });
   });
 }
 
-SgdwChunkKernel select_sgdw(ScalarType dtype, bool decoupled_decay, Momentum momentum, bool nesterov,
-                            bool maximize) {
-  return with_scalar_type(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
+SgdwChunkKernel select_sgdw(const Precision& precision, bool decoupled_decay, Momentum momentum,
+                            bool nesterov, bool maximize) {
+  return with_precision(precision.param, precision.grad, precision.state,
+                        [&](auto param, auto grad, auto state) {
+    using P = typename decltype(param)::type;
+    using G = typename decltype(grad)::type;
+    using S = typename decltype(state)::type;
     return with_bool(decoupled_decay, [&](auto kDecay) {
       return with_momentum(momentum, [&](auto kMomentum) {
         return with_bool(nesterov, [&](auto kNesterov) {
           return with_bool(maximize, [&](auto kMaximize) -> SgdwChunkKernel {
-            return &sgdw_chunk<T, T, kDecay.value, kMomentum.value, kNesterov.value,
+            return &sgdw_chunk<P, G, S, kDecay.value, kMomentum.value, kNesterov.value,
                                kMaximize.value>;
           });
         });

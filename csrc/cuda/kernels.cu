@@ -74,19 +74,38 @@ void check(cudaError_t status, const char* what) {
   }
 }
 
+// The storage type of list l of a kernel: list 0 is the param, list 1 the grad, the
+// others are states (NOTE: [precision] in dispatch.h).
+template <typename ParamT, typename GradT, typename StateT>
+__host__ __device__ constexpr int64_t list_element_bytes(int l) {
+  return l == 0 ? sizeof(ParamT) : l == 1 ? sizeof(GradT) : sizeof(StateT);
+}
+
+template <typename ParamT, typename GradT, typename StateT>
+__host__ __device__ constexpr int64_t widest() {
+  int64_t bytes = 0;
+  for (int l = 0; l < 3; ++l) {
+    const int64_t list_bytes = list_element_bytes<ParamT, GradT, StateT>(l);
+    bytes = list_bytes > bytes ? list_bytes : bytes;
+  }
+  return bytes;
+}
+
 // Runs `update(values)` over every element of one chunk. List 0 is the param,
-// list 1 the grad (read only), the others are states stored like the param. A list
-// whose bit is set in kWriteOnlyLists is written without being read: its values
-// enter `update` as 0 (SGDW's first step fills a fresh, uninitialized buffer).
-template <typename ParamT, typename GradT, int kNumLists, unsigned kWriteOnlyLists,
-          typename Update>
+// list 1 the grad (read only), the others are states. A list whose bit is set in
+// kWriteOnlyLists is written without being read: its values enter `update` as 0
+// (SGDW's first step fills a fresh, uninitialized buffer). Vectors hold as many
+// elements as 16 bytes of the widest list: no access is wider than 16 bytes.
+template <typename ParamT, typename GradT, typename StateT, int kNumLists,
+          unsigned kWriteOnlyLists, typename Update>
 __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists], int64_t n,
                                              const Update& update) {
-  constexpr int kVec = 16 / sizeof(ParamT);
+  constexpr int64_t kWidest = widest<ParamT, GradT, StateT>();
+  constexpr int kVec = static_cast<int>(16 / kWidest);
   bool aligned = true;
 #pragma unroll
   for (int l = 0; l < kNumLists; ++l) {
-    const size_t bytes = (l == 1 ? sizeof(GradT) : sizeof(ParamT)) * kVec;
+    const int64_t bytes = list_element_bytes<ParamT, GradT, StateT>(l) * kVec;
     aligned = aligned && reinterpret_cast<uintptr_t>(pointers[l]) % bytes == 0;
   }
   const int64_t vector_end = aligned ? n - n % kVec : 0;
@@ -103,9 +122,14 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
             static_cast<const GradT*>(pointers[l]) + i));
 #pragma unroll
         for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
-      } else {
+      } else if (l == 0) {
         const auto loaded = load(reinterpret_cast<const Vector<ParamT, kVec>*>(
             static_cast<const ParamT*>(pointers[l]) + i));
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
+      } else {
+        const auto loaded = load(reinterpret_cast<const Vector<StateT, kVec>*>(
+            static_cast<const StateT*>(pointers[l]) + i));
 #pragma unroll
         for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
       }
@@ -119,13 +143,18 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
 #pragma unroll
       for (int l = 0; l < kNumLists; ++l) values[l][e] = element[l];
     }
-#pragma unroll
-    for (int l = 0; l < kNumLists; ++l) {
-      if (l == 1) continue;
+    {
       Vector<ParamT, kVec> stored;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) stored.values[e] = from_float<ParamT>(values[l][e]);
-      store(reinterpret_cast<Vector<ParamT, kVec>*>(static_cast<ParamT*>(pointers[l]) + i), stored);
+      for (int e = 0; e < kVec; ++e) stored.values[e] = from_float<ParamT>(values[0][e]);
+      store(reinterpret_cast<Vector<ParamT, kVec>*>(static_cast<ParamT*>(pointers[0]) + i), stored);
+    }
+#pragma unroll
+    for (int l = 2; l < kNumLists; ++l) {
+      Vector<StateT, kVec> stored;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) stored.values[e] = from_float<StateT>(values[l][e]);
+      store(reinterpret_cast<Vector<StateT, kVec>*>(static_cast<StateT*>(pointers[l]) + i), stored);
     }
   }
   for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
@@ -136,14 +165,17 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
         element[l] = 0.0f;
       } else if (l == 1) {
         element[l] = to_float(load(static_cast<const GradT*>(pointers[l]) + i));
-      } else {
+      } else if (l == 0) {
         element[l] = to_float(load(static_cast<const ParamT*>(pointers[l]) + i));
+      } else {
+        element[l] = to_float(load(static_cast<const StateT*>(pointers[l]) + i));
       }
     }
     update(element);
+    store(static_cast<ParamT*>(pointers[0]) + i, from_float<ParamT>(element[0]));
 #pragma unroll
-    for (int l = 0; l < kNumLists; ++l) {
-      if (l != 1) store(static_cast<ParamT*>(pointers[l]) + i, from_float<ParamT>(element[l]));
+    for (int l = 2; l < kNumLists; ++l) {
+      store(static_cast<StateT*>(pointers[l]) + i, from_float<StateT>(element[l]));
     }
   }
 }
@@ -164,29 +196,30 @@ __device__ __forceinline__ int64_t locate_chunk(const LaunchTable<kNumLists, Ten
   return remaining < chunk ? remaining : chunk;
 }
 
-template <typename ParamT, typename GradT, WeightDecay kDecay, bool kAmsgrad, bool kMaximize>
+template <typename ParamT, typename GradT, typename StateT, WeightDecay kDecay, bool kAmsgrad,
+          bool kMaximize>
 __global__ void __launch_bounds__(kBlockThreads)
     adam_kernel(const __grid_constant__ LaunchTable<kAmsgrad ? 5 : 4, AdamTensorScalars> table,
                 const AdamScalars shared) {
   constexpr int kNumLists = kAmsgrad ? 5 : 4;
   int64_t element_bytes[kNumLists];
 #pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
+  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = list_element_bytes<ParamT, GradT, StateT>(l);
   void* pointers[kNumLists];
   int slot;
   const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
   AdamScalars scalars = shared;
   scalars.step_size = table.tensor_scalars[slot].step_size;
   scalars.bias_correction2_sqrt = table.tensor_scalars[slot].bias_correction2_sqrt;
-  update_chunk<ParamT, GradT, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
+  update_chunk<ParamT, GradT, StateT, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
     float unused_max = 0.0f;
     adam_update<kDecay, kAmsgrad, kMaximize>(v[0], v[1], v[2], v[3],
                                             kAmsgrad ? v[kNumLists - 1] : unused_max, scalars);
   });
 }
 
-template <typename ParamT, typename GradT, bool kDecoupledDecay, Momentum kMomentum, bool kNesterov,
-          bool kMaximize>
+template <typename ParamT, typename GradT, typename StateT, bool kDecoupledDecay, Momentum kMomentum,
+          bool kNesterov, bool kMaximize>
 __global__ void __launch_bounds__(kBlockThreads)
     sgdw_kernel(const __grid_constant__ LaunchTable<kMomentum == Momentum::kNone ? 2 : 3,
                                                     NoTensorScalars> table,
@@ -194,13 +227,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   constexpr int kNumLists = kMomentum == Momentum::kNone ? 2 : 3;
   int64_t element_bytes[kNumLists];
 #pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
+  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = list_element_bytes<ParamT, GradT, StateT>(l);
   void* pointers[kNumLists];
   int slot;
   const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
   // The first step creates the momentum buffer from the gradient: it is written only.
   constexpr unsigned kWriteOnlyLists = kMomentum == Momentum::kFirstStep ? 1u << 2 : 0u;
-  update_chunk<ParamT, GradT, kNumLists, kWriteOnlyLists>(pointers, n, [&](float (&v)[kNumLists]) {
+  update_chunk<ParamT, GradT, StateT, kNumLists, kWriteOnlyLists>(pointers, n,
+                                                                  [&](float (&v)[kNumLists]) {
     float unused_buffer = 0.0f;
     sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(
         v[0], v[1], kMomentum == Momentum::kNone ? unused_buffer : v[kNumLists - 1], scalars);
@@ -345,14 +379,16 @@ void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   auto tensor_scalars_of = [&](int64_t t) {
     return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
   };
-  with_scalar_type(args.dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
+  with_precision(args.dtype, args.grad_dtype, args.state_dtype, [&](auto param, auto grad, auto state) {
+    using P = typename decltype(param)::type;
+    using G = typename decltype(grad)::type;
+    using S = typename decltype(state)::type;
     with_weight_decay(args.decay, [&](auto decay) {
       with_bool(args.amsgrad, [&](auto amsgrad) {
         with_bool(args.maximize, [&](auto maximize) {
           launch_all<LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>>(
               plans, lists, args.numels,
-              adam_kernel<T, T, decay.value, amsgrad.value, maximize.value>, shared,
+              adam_kernel<P, G, S, decay.value, amsgrad.value, maximize.value>, shared,
               tensor_scalars_of, cuda_stream);
         });
       });
@@ -373,8 +409,10 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
   std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
   if (has_buffer) lists.push_back(&args.momentum_buffers);
   auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
-  with_scalar_type(args.dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
+  with_precision(args.dtype, args.grad_dtype, args.state_dtype, [&](auto param, auto grad, auto state) {
+    using P = typename decltype(param)::type;
+    using G = typename decltype(grad)::type;
+    using S = typename decltype(state)::type;
     with_bool(args.weight_decay != 0.0, [&](auto decay) {
       with_momentum(args.momentum_mode, [&](auto momentum) {
         with_bool(args.nesterov, [&](auto nesterov) {
@@ -382,7 +420,7 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
             constexpr int kNumLists = momentum.value == Momentum::kNone ? 2 : 3;
             launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
                 plans, lists, args.numels,
-                sgdw_kernel<T, T, decay.value, momentum.value, nesterov.value, maximize.value>,
+                sgdw_kernel<P, G, S, decay.value, momentum.value, nesterov.value, maximize.value>,
                 scalars, no_tensor_scalars, cuda_stream);
           });
         });

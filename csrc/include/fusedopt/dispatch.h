@@ -4,6 +4,7 @@
 // Everything here has internal linkage (see NOTE: [internal linkage for shared math]).
 #pragma once
 
+#include <stdexcept>
 #include <type_traits>
 
 #include "fusedopt/dtypes.h"
@@ -22,18 +23,36 @@ auto with_bool(bool value, F&& f) {
   return value ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// Params, grads and states share one storage type today (torch.optim's layout).
+// NOTE: [precision]
+// The storage types of one call: params, grads, states. Every kernel dtype steps with
+// grads and states of its own type (torch.optim's layout). bf16 and fp16 params may
+// keep fp32 states instead (`state_dtype=torch.float32`), and then take their grads
+// in either their own type or fp32 (`param.grad_dtype = torch.float32`: fp32 gradient
+// accumulation). Math is fp32 in every case; only these combinations are compiled.
 template <typename F>
-auto with_scalar_type(ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case ScalarType::kBFloat16:
-      return f(TypeTag<BFloat16>{});
-    case ScalarType::kFloat16:
-      return f(TypeTag<Float16>{});
-    case ScalarType::kFloat32:
-      break;
+auto with_precision(ScalarType param, ScalarType grad, ScalarType state, F&& f) {
+  using P = ScalarType;
+  const bool own_grads_and_states = grad == param && state == param;
+  if (param == P::kFloat32 && own_grads_and_states) {
+    return f(TypeTag<float>{}, TypeTag<float>{}, TypeTag<float>{});
   }
-  return f(TypeTag<float>{});
+  if (param == P::kBFloat16 && own_grads_and_states) {
+    return f(TypeTag<BFloat16>{}, TypeTag<BFloat16>{}, TypeTag<BFloat16>{});
+  }
+  if (param == P::kFloat16 && own_grads_and_states) {
+    return f(TypeTag<Float16>{}, TypeTag<Float16>{}, TypeTag<Float16>{});
+  }
+  if (state == P::kFloat32 && (grad == param || grad == P::kFloat32)) {
+    if (param == P::kBFloat16) {
+      return grad == param ? f(TypeTag<BFloat16>{}, TypeTag<BFloat16>{}, TypeTag<float>{})
+                           : f(TypeTag<BFloat16>{}, TypeTag<float>{}, TypeTag<float>{});
+    }
+    if (param == P::kFloat16) {
+      return grad == param ? f(TypeTag<Float16>{}, TypeTag<Float16>{}, TypeTag<float>{})
+                           : f(TypeTag<Float16>{}, TypeTag<float>{}, TypeTag<float>{});
+    }
+  }
+  throw std::invalid_argument("no kernel for these storage types of params, grads and states");
 }
 
 template <typename F>

@@ -20,7 +20,11 @@ struct AdamStepArgs {
   std::vector<uintptr_t> max_exp_avg_sqs;  // empty unless amsgrad
   std::vector<uintptr_t> steps;            // fp32 step counters in host memory, incremented here
   std::vector<int64_t> numels;
-  ScalarType dtype = ScalarType::kFloat32;  // params, grads and states share it
+  // Storage types (NOTE: [precision] in dispatch.h): params; grads, the param's or
+  // fp32; states, the param's or fp32.
+  ScalarType dtype = ScalarType::kFloat32;
+  ScalarType grad_dtype = ScalarType::kFloat32;
+  ScalarType state_dtype = ScalarType::kFloat32;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
   WeightDecay decay = WeightDecay::kNone;
@@ -33,7 +37,9 @@ struct SgdwStepArgs {
   std::vector<uintptr_t> grads;
   std::vector<uintptr_t> momentum_buffers;  // empty when momentum == 0
   std::vector<int64_t> numels;
-  ScalarType dtype = ScalarType::kFloat32;
+  ScalarType dtype = ScalarType::kFloat32;  // params; grads and buffers as in AdamStepArgs
+  ScalarType grad_dtype = ScalarType::kFloat32;
+  ScalarType state_dtype = ScalarType::kFloat32;
   double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
   double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
   Momentum momentum_mode = Momentum::kNone;  // kFirstStep fills freshly allocated buffers
