@@ -63,7 +63,12 @@ PYBIND11_MODULE(_C, m) {
   py::enum_<fusedopt::ScalarType>(m, "ScalarType")
       .value("float32", fusedopt::ScalarType::kFloat32)
       .value("bfloat16", fusedopt::ScalarType::kBFloat16)
-      .value("float16", fusedopt::ScalarType::kFloat16);
+      .value("float16", fusedopt::ScalarType::kFloat16)
+      .value("int16", fusedopt::ScalarType::kInt16);
+  py::enum_<fusedopt::MasterWeights>(m, "MasterWeights")
+      .value("none", fusedopt::MasterWeights::kNone)
+      .value("remainder", fusedopt::MasterWeights::kRemainder)
+      .value("fp32", fusedopt::MasterWeights::kFp32);
   py::enum_<fusedopt::WeightDecay>(m, "WeightDecay")
       .value("none", fusedopt::WeightDecay::kNone)
       .value("l2", fusedopt::WeightDecay::kL2)
@@ -115,6 +120,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("exp_avg_sqs", &AdamStepArgs::exp_avg_sqs)
       .def_readwrite("max_exp_avg_sqs", &AdamStepArgs::max_exp_avg_sqs)
       .def_readwrite("steps", &AdamStepArgs::steps)
+      .def_readwrite("masters", &AdamStepArgs::masters)
+      .def_readwrite("master", &AdamStepArgs::master)
       .def_readwrite("numels", &AdamStepArgs::numels)
       .def_readwrite("dtype", &AdamStepArgs::dtype)
       .def_readwrite("grad_dtype", &AdamStepArgs::grad_dtype)
@@ -133,6 +140,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("params", &SgdwStepArgs::params)
       .def_readwrite("grads", &SgdwStepArgs::grads)
       .def_readwrite("momentum_buffers", &SgdwStepArgs::momentum_buffers)
+      .def_readwrite("masters", &SgdwStepArgs::masters)
+      .def_readwrite("master", &SgdwStepArgs::master)
       .def_readwrite("numels", &SgdwStepArgs::numels)
       .def_readwrite("dtype", &SgdwStepArgs::dtype)
       .def_readwrite("grad_dtype", &SgdwStepArgs::grad_dtype)

@@ -96,6 +96,7 @@ struct Owned {
 constexpr int32_t kDLCpu = 1;
 constexpr int32_t kDLCuda = 2;
 constexpr int32_t kOtherDevice = -1;  // attribute reads of a device that is neither
+constexpr uint8_t kDLInt = 0;
 constexpr uint8_t kDLFloat = 2;
 constexpr uint8_t kDLBfloat = 4;
 constexpr uint8_t kDLComplex = 5;
@@ -181,24 +182,42 @@ bool is_step_count(uintptr_t address) {
   return step >= 0.0f && std::isfinite(step) && std::floor(step) == step;
 }
 
-// The state pointer lists of a call, in the order of its state keys.
+// The state pointer lists of a call, in the order of its state keys, with the
+// ScalarType code each list's tensors must have (-1: the step counters, checked apart).
 struct StateLists {
-  std::vector<uintptr_t>* lists[4];
+  std::vector<uintptr_t>* lists[5];
+  int dtypes[5];
   size_t count = 0;
+
+  void add(std::vector<uintptr_t>* list, int dtype) {
+    lists[count] = list;
+    dtypes[count++] = dtype;
+  }
 };
+
+// The master list's storage (NOTE: [master weights] in dtypes.h).
+int master_dtype(MasterWeights master) {
+  return static_cast<int>(master == MasterWeights::kRemainder ? ScalarType::kInt16
+                                                              : ScalarType::kFloat32);
+}
 
 StateLists state_lists_of(AdamStepArgs& args) {
   StateLists out;
-  out.lists[out.count++] = &args.exp_avgs;
-  out.lists[out.count++] = &args.exp_avg_sqs;
-  if (args.amsgrad) out.lists[out.count++] = &args.max_exp_avg_sqs;
-  out.lists[out.count++] = &args.steps;
+  const int state = static_cast<int>(args.state_dtype);
+  out.add(&args.exp_avgs, state);
+  out.add(&args.exp_avg_sqs, state);
+  if (args.amsgrad) out.add(&args.max_exp_avg_sqs, state);
+  if (args.master != MasterWeights::kNone) out.add(&args.masters, master_dtype(args.master));
+  out.add(&args.steps, -1);
   return out;
 }
 
 StateLists state_lists_of(SgdwStepArgs& args) {
   StateLists out;
-  if (args.momentum_mode != Momentum::kNone) out.lists[out.count++] = &args.momentum_buffers;
+  if (args.momentum_mode != Momentum::kNone) {
+    out.add(&args.momentum_buffers, static_cast<int>(args.state_dtype));
+  }
+  if (args.master != MasterWeights::kNone) out.add(&args.masters, master_dtype(args.master));
   return out;
 }
 
@@ -234,6 +253,7 @@ int TensorReads::kernel_dtype(const Layout& layout) const {
     }
     if (t.code == kDLBfloat && t.bits == 16) return static_cast<int>(ScalarType::kBFloat16);
     if (t.code == kDLFloat && t.bits == 16) return static_cast<int>(ScalarType::kFloat16);
+    if (t.code == kDLInt && t.bits == 16) return static_cast<int>(ScalarType::kInt16);
     return -1;
   }
   for (const auto& [dtype, code] : kernel_dtypes_) {
@@ -602,8 +622,7 @@ bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool che
       const Planned& state = of_param[1 + k];
       const TensorName state_name{i, static_cast<Py_ssize_t>(k)};
       if ((*lists.lists[k])[i] != state.layout.address ||
-          (static_cast<Py_ssize_t>(k) != step_key_ &&
-           state.kernel_dtype != static_cast<int>(args.state_dtype))) {
+          (lists.dtypes[k] >= 0 && state.kernel_dtype != lists.dtypes[k])) {
         return fail("the call's arguments for " + describe(state_name) + " changed");
       }
       if (check_state_dicts &&

@@ -45,6 +45,10 @@ size_t element_bytes(ScalarType dtype) {
   return dtype == ScalarType::kFloat32 ? sizeof(float) : sizeof(uint16_t);
 }
 
+size_t master_bytes(MasterWeights master) {
+  return master == MasterWeights::kFp32 ? sizeof(float) : sizeof(uint16_t);
+}
+
 // The last line of defense under the Python checks: a list of the wrong length, a
 // null address with elements to step, or an address not aligned for the dtype
 // (undefined behaviour in every kernel) is refused before anything is touched.
@@ -81,6 +85,8 @@ void check_lists(const AdamStepArgs& args) {
   check_list(args.exp_avg_sqs, n, "exp_avg_sqs", args.numels, state_alignment);
   check_list(args.max_exp_avg_sqs, args.amsgrad ? n : 0, "max_exp_avg_sqs", args.numels,
              state_alignment);
+  check_list(args.masters, args.master == MasterWeights::kNone ? 0 : n, "masters", args.numels,
+             master_bytes(args.master));
   // Every counter is read and written, whatever its tensor's element count.
   const std::vector<int64_t> one_each(n, 1);
   check_list(args.steps, n, "steps", one_each, sizeof(float));
@@ -92,6 +98,8 @@ void check_lists(const SgdwStepArgs& args) {
   check_list(args.grads, n, "grads", args.numels, element_bytes(args.grad_dtype));
   check_list(args.momentum_buffers, args.momentum_mode == Momentum::kNone ? 0 : n,
              "momentum_buffers", args.numels, element_bytes(args.state_dtype));
+  check_list(args.masters, args.master == MasterWeights::kNone ? 0 : n, "masters", args.numels,
+             master_bytes(args.master));
 }
 
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {

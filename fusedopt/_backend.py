@@ -55,6 +55,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 # Params that may keep float32 state and take float32 grads (NOTE: [precision] in
 # csrc/include/fusedopt/dispatch.h).
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# What holds the fp32 master of each (NOTE: [master weights] in dtypes.h): a 16-bit
+# remainder beside a bf16 param, a whole fp32 copy beside an fp16 one.
+MASTER_DTYPES = {torch.bfloat16: torch.int16, torch.float16: torch.float32}
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64, torch.complex128)
 
 
@@ -66,6 +69,7 @@ def _kernel_codes():
         torch.bfloat16: _C.ScalarType.bfloat16,
         torch.float16: _C.ScalarType.float16,
         torch.complex64: _C.ScalarType.float32,
+        torch.int16: _C.ScalarType.int16,
     }
 
 
@@ -366,15 +370,16 @@ def check_param(param, where):
         )
 
 
-def check_state(param, tensor, key, where):
+def check_state(param, tensor, key, where, exact_dtype=None):
     """Raises if the state tensor `key` does not match `param` element for element (its
-    memory layout may differ: the step then works on a copy laid out like the param)."""
+    memory layout may differ: the step then works on a copy laid out like the param),
+    or is not of `exact_dtype` where that is given (a master)."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"state '{key}' of {where} is {type(tensor).__name__}, not a tensor")
     check_tensor_type(tensor, f"state '{key}' of {where}")
     check_dtensor(param, tensor, f"state '{key}'", where)
-    state_dtype_fits = tensor.dtype == param.dtype or (
-        tensor.dtype == torch.float32 and param.dtype in LOW_PRECISION)
+    state_dtype_fits = tensor.dtype == exact_dtype if exact_dtype is not None else (
+        tensor.dtype == param.dtype or (tensor.dtype == torch.float32 and param.dtype in LOW_PRECISION))
     if tensor.shape != param.shape or not state_dtype_fits or tensor.device != param.device:
         raise ValueError(
             f"state '{key}' of {where} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; "
@@ -386,8 +391,9 @@ def check_state(param, tensor, key, where):
     check_memory(tensor, f"state '{key}' of {where}")
 
 
-def check_loaded_state(param, tensor, key, where):
-    """Raises unless a checkpoint's state tensor can become the param's state."""
+def check_loaded_state(param, tensor, key, where, is_master=False):
+    """Raises unless a checkpoint's state tensor can become the param's state (a master
+    of another dtype is dropped after the load instead)."""
     if not isinstance(tensor, torch.Tensor) or tensor.shape != param.shape:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
         raise ValueError(
@@ -398,7 +404,8 @@ def check_loaded_state(param, tensor, key, where):
     check_dtensor(param, tensor, f"loaded state '{key}'", where)
     if tensor.layout != torch.strided:
         raise ValueError(f"loaded state '{key}' of {where} is {tensor.layout}; fusedopt keeps dense state")
-    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.is_complex() != param.is_complex():
+    if not is_master and (not (tensor.is_floating_point() or tensor.is_complex())
+                          or tensor.is_complex() != param.is_complex()):
         raise ValueError(f"loaded state '{key}' of {where} is {tensor.dtype}; the param is {param.dtype}")
     check_memory(tensor, f"loaded state '{key}' of {where}")
 

@@ -20,6 +20,9 @@ from torch.optim import Optimizer
 from fusedopt import _backend, weight_decay
 
 BACKENDS = ("auto", "kernel", "reference")
+# The state key of master weights (NOTE: [master weights] in csrc/include/fusedopt/dtypes.h):
+# a bf16 param's int16 remainder, or an fp16 param's fp32 master.
+MASTER_KEY = "master_param"
 # A step whose tensors change between planning and launch (a hook, a
 # `__torch_function__`, another thread) is planned again, this many times at most.
 PLANNING_ATTEMPTS = 3
@@ -235,6 +238,7 @@ class FusedOptimizer(Optimizer):
         self._check_distinct_memory(batches, [plan for _, plan in owners])
         for batch in batches:
             self._init_states(batch)
+            self._init_masters(batch)
             if not batch.use_kernel:
                 continue
             keys = self._state_keys(batch.group) + self._counter_keys
@@ -289,6 +293,10 @@ class FusedOptimizer(Optimizer):
                     "memory, so give it resolved data (p.data = p.data.resolve_conj().resolve_neg())"
                 )
             _backend.check_memory(param, where)
+            if group.get("master_weights", False) and param.dtype not in _backend.LOW_PRECISION:
+                raise ValueError(
+                    f"{where} is {param.dtype}: master_weights=True keeps fp32 masters of "
+                    "bfloat16 and float16 params; put other params in a group without it")
             state_dtype = self._state_dtype(group, param)
             use_kernel = self._use_kernel(device, kernel_param, where, grad.dtype, state_dtype)
             batch = batches.get((param.dtype, grad.dtype, use_kernel))
@@ -301,9 +309,9 @@ class FusedOptimizer(Optimizer):
                 self._check_existing_state(param, state, state_keys, where)
                 for key in state_keys:
                     tensor = state.get(key)
-                    if tensor is not None and _backend.needs_relayout(tensor, param, use_kernel,
-                                                                      state_dtype):
-                        working[key] = _backend.relaid_out(tensor, param, state_dtype)
+                    dtype = self._key_dtype(group, param, key)
+                    if tensor is not None and _backend.needs_relayout(tensor, param, use_kernel, dtype):
+                        working[key] = _backend.relaid_out(tensor, param, dtype)
             if _backend.needs_relayout(grad, param, use_kernel):
                 grad = _backend.relaid_out(grad, param)  # a copy that holds the values
             batch.params.append(param)
@@ -324,7 +332,8 @@ class FusedOptimizer(Optimizer):
         for key in state_keys:
             tensor = state.get(key)
             if tensor is not None:
-                _backend.check_state(param, tensor, key, where)
+                exact = _backend.MASTER_DTYPES.get(param.dtype) if key == MASTER_KEY else None
+                _backend.check_state(param, tensor, key, where, exact)
         for key in self._counter_keys:
             if key in state:
                 _backend.check_step(state[key], where)
@@ -363,12 +372,43 @@ class FusedOptimizer(Optimizer):
 
     def _state_dtype(self, group, param):
         """The dtype of `param`'s state tensors: its own, or float32 for a bfloat16 or
-        float16 param of a group made with state_dtype=torch.float32."""
+        float16 param of a group made with state_dtype=torch.float32 or master_weights."""
         state_dtype = group.get("state_dtype")
         check_state_dtype(state_dtype)
-        if state_dtype == torch.float32 and param.dtype in _backend.LOW_PRECISION:
+        wants_fp32 = state_dtype == torch.float32 or group.get("master_weights", False)
+        if wants_fp32 and param.dtype in _backend.LOW_PRECISION:
             return torch.float32
         return param.dtype
+
+    def _master_keys(self, group):
+        """The master-weights state key, after the optimizer's own, when the group has them."""
+        return (MASTER_KEY,) if group.get("master_weights", False) else ()
+
+    def _key_dtype(self, group, param, key):
+        """The dtype state `key` of `param` must have."""
+        if key == MASTER_KEY:
+            return _backend.MASTER_DTYPES[param.dtype]
+        return self._state_dtype(group, param)
+
+    def _init_masters(self, batch):
+        """Gives each param of a master-weights group without a master one that is the
+        param exactly: a zero remainder (bf16), the param in fp32 (fp16)."""
+        if not self._master_keys(batch.group):
+            return
+        for param, state in zip(batch.params, batch.working):
+            if state.get(MASTER_KEY) is None:
+                master = torch.empty_like(param, dtype=_backend.MASTER_DTYPES[param.dtype],
+                                          memory_format=torch.preserve_format)
+                state[MASTER_KEY] = master.zero_() if master.dtype == torch.int16 else master.copy_(param)
+
+    def _master_arguments(self, args, batch, indices):
+        """Points a compiled call at the masters of `indices` (none without master weights)."""
+        MasterWeights = _backend._C.MasterWeights
+        if not self._master_keys(batch.group):
+            args.master = MasterWeights.none
+            return
+        args.masters = [batch.kernel_state(i, MASTER_KEY).data_ptr() for i in indices]
+        args.master = MasterWeights.remainder if batch.params[0].dtype == torch.bfloat16 else MasterWeights.fp32
 
     def _use_kernel(self, device, param, where, grad_dtype, state_dtype):
         if self.backend == "reference":
@@ -472,7 +512,7 @@ class FusedOptimizer(Optimizer):
                 for key in self._state_keys(saved_group):
                     if key not in state or (state[key] is None and key in self._nullable_state_keys):
                         continue
-                    _backend.check_loaded_state(param, state[key], key, where)
+                    _backend.check_loaded_state(param, state[key], key, where, key == MASTER_KEY)
                 if "step" in state:
                     _backend.check_loaded_step(state["step"], where)
 
@@ -488,11 +528,28 @@ class FusedOptimizer(Optimizer):
             tensor = state.get(key)
             if not isinstance(tensor, torch.Tensor):
                 continue
+            if key == MASTER_KEY:
+                self._normalize_loaded_master(param, state, saved)
+                continue
             from_checkpoint = state_dtype != param.dtype and isinstance(saved.get(key), torch.Tensor)
             if from_checkpoint:
                 tensor = saved[key]  # copied below, as torch.optim's load copies
             if from_checkpoint or tensor.dtype != state_dtype or not _backend.same_layout(tensor, param):
                 state[key] = _backend.relaid_out(tensor.to(param.device), param, state_dtype)
+
+
+    def _normalize_loaded_master(self, param, state, saved):
+        """torch.optim's load casts the master to the param's dtype: it is taken from the
+        checkpoint again. One of another dtype (a checkpoint that went through
+        torch.optim) is dropped: the master restarts from the param at the next step."""
+        original = saved.get(MASTER_KEY)
+        if isinstance(original, torch.Tensor) and original.dtype == _backend.MASTER_DTYPES.get(param.dtype):
+            state[MASTER_KEY] = _backend.relaid_out(original.to(param.device), param)
+        else:
+            del state[MASTER_KEY]
+            _backend.warn_at_caller(
+                f"the checkpoint's '{MASTER_KEY}' is not a master of a {param.dtype} param (did it "
+                "pass through torch.optim?): the master restarts from the param")
 
 
 def _index_of(groups, group):
@@ -503,6 +560,11 @@ def check_state_dtype(state_dtype):
     if state_dtype not in (None, torch.float32):
         raise ValueError(f"Invalid state_dtype: {state_dtype!r}; None (the params' dtype) or "
                          "torch.float32 (for bfloat16 and float16 params)")
+
+
+def check_master_weights(master_weights):
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights is True or False, got {master_weights!r}")
 
 
 def tensors_like(params, zeroed, dtype=None):

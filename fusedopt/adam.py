@@ -33,6 +33,11 @@ class Adam(FusedOptimizer):
         torch.float32 keeps the state of bfloat16 and float16 params in float32.
         Either way their grads may be float32 (`param.grad_dtype = torch.float32`);
         the kernels step those with float32 state. A param group key when given.
+    master_weights: bfloat16 and float16 params are stepped as exact fp32 masters,
+        in the same single pass, with float32 state. A bfloat16 param holds its
+        master's high 16 bits (rounded to nearest) and state 'master_param', an int16
+        tensor, the low 16 bits: +2 bytes per param. A float16 param's 'master_param'
+        is the whole fp32 master. A param group key when True.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class Adam(FusedOptimizer):
         decouple_lr=False,
         lr_max=None,
         state_dtype=None,
+        master_weights=False,
         backend="auto",
     ):
         _backend.check_lr(lr)
@@ -75,6 +81,7 @@ class Adam(FusedOptimizer):
             raise ValueError("differentiable=True is not supported by fusedopt")
         _weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled_weight_decay)
         _optimizer.check_state_dtype(state_dtype)
+        _optimizer.check_master_weights(master_weights)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -92,6 +99,8 @@ class Adam(FusedOptimizer):
             defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
         if state_dtype is not None:
             defaults.update(state_dtype=state_dtype)
+        if master_weights:
+            defaults.update(master_weights=True)
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):
@@ -110,9 +119,8 @@ class Adam(FusedOptimizer):
     _required_group_keys = ("lr", "betas", "eps", "weight_decay")
 
     def _state_keys(self, group):
-        if group.get("amsgrad", False):
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
+        moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad", False) else ())
+        return moments + self._master_keys(group)
 
     def _hyperparameters(self, group, device):
         lr = _backend.scalar(group["lr"], "lr", device)
@@ -174,6 +182,7 @@ class Adam(FusedOptimizer):
         args.dtype = _backend.KERNEL_CODES[batch.params[0].dtype]
         args.grad_dtype = _backend.KERNEL_CODES[batch.grads[0].dtype]
         args.state_dtype = _backend.KERNEL_CODES[batch.state_dtype]
+        self._master_arguments(args, batch, every)
         self._set_kernel_hyperparameters(args, batch.hyper)
         return [(args, range(len(batch.params)))]
 
@@ -206,6 +215,7 @@ class Adam(FusedOptimizer):
                 local(state["exp_avg_sq"]),
                 local(state["max_exp_avg_sq"]) if "max_exp_avg_sq" in state else None,
                 step,
+                master=local(state.get(_optimizer.MASTER_KEY)),
                 **h,
             )
             state["step"] += 1
@@ -214,7 +224,8 @@ class Adam(FusedOptimizer):
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter, Algorithm 2): Adam with decoupled weight decay,
     p <- p * (1 - lr * weight_decay). Arguments and defaults of torch.optim.AdamW;
-    `decouple_lr`, `lr_max`, `state_dtype` and `backend` as for fusedopt.Adam."""
+    `decouple_lr`, `lr_max`, `state_dtype`, `master_weights` and `backend` as for
+    fusedopt.Adam."""
 
     def __init__(
         self,
@@ -233,6 +244,7 @@ class AdamW(Adam):
         decouple_lr=False,
         lr_max=None,
         state_dtype=None,
+        master_weights=False,
         backend="auto",
     ):
         super().__init__(
@@ -251,6 +263,7 @@ class AdamW(Adam):
             decouple_lr=decouple_lr,
             lr_max=lr_max,
             state_dtype=state_dtype,
+            master_weights=master_weights,
             backend=backend,
         )
 

@@ -65,6 +65,48 @@ def _decay_factor(lr, lr_max, weight_decay):
     return 1 - decay_lr * weight_decay
 
 
+def _bit_patterns(values, dtype):
+    """Unsigned int64 values as the signed `dtype` (int16, int32) of the same bits."""
+    bits = torch.iinfo(dtype).bits
+    return (values - (values >= 2 ** (bits - 1)).to(torch.int64) * 2**bits).to(dtype)
+
+
+def _master_value(param, master):
+    """The fp32 value the step updates: the param's, or its master's (NOTE: [master
+    weights] in csrc/include/fusedopt/dtypes.h): a bf16 param and its int16 remainder
+    rebuilt bit by bit, or an fp16 param's fp32 master unless the param is no longer
+    the master's rounding."""
+    if master is None:
+        return _math_view(param)
+    if master.dtype == torch.int16:
+        high = param.view(torch.int16).to(torch.int64) & 0xFFFF
+        low = master.to(torch.int64) & 0xFFFF
+        borrow = low >= 0x8000
+        bits = (((high - borrow.to(torch.int64)) & 0xFFFF) << 16) | low
+        rebuilt = _bit_patterns(bits, torch.int32)
+        zero = (high & 0x7FFF) == 0
+        return torch.where(borrow & zero, param.float(), rebuilt.view(torch.float32))
+    return torch.where(master.to(torch.float16).float() == param.float(), master, param.float())
+
+
+def _store_param(param, master, value):
+    """Writes the updated fp32 `value` to the param, and to its master if it has one:
+    for a bf16 param, rounded to nearest with ties away from zero, the low 16 bits in
+    the remainder."""
+    if master is None:
+        _store(param, value)
+    elif master.dtype == torch.int16:
+        bits = value.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        low = bits & 0xFFFF
+        high = (bits >> 16) + (low >= 0x8000).to(torch.int64)
+        nan = value.isnan()
+        param.view(torch.int16).copy_(_bit_patterns(torch.where(nan, 0x7FC0, high), torch.int16))
+        master.copy_(_bit_patterns(torch.where(nan, 0, low), torch.int16))
+    else:
+        master.copy_(value)
+        param.copy_(value)
+
+
 def _store(destination, value):
     if destination.is_complex():
         destination = torch.view_as_real(destination)
@@ -89,18 +131,20 @@ def adam_step_(
     amsgrad,
     maximize,
     lr_max=None,
+    master=None,
 ):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step, in place.
 
     `step` is the step count t after this step's increment (1 on the first step).
     `max_exp_avg_sq` is used only when `amsgrad`. With `lr_max` (decouple_lr) the
-    decoupled decay is (lr / lr_max) * weight_decay.
+    decoupled decay is (lr / lr_max) * weight_decay. With `master` (master weights)
+    the step updates the param's fp32 master and writes both.
     """
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     step_size = lr / bias_correction1
 
-    p = _math_view(param)
+    p = _master_value(param, master)
     g = _math_view(grad)
     m = _math_view(exp_avg)
     v = _math_view(exp_avg_sq)
@@ -121,7 +165,7 @@ def adam_step_(
     denom = _sqrt(second_moment) / bias_correction2_sqrt + eps
     p = p - (step_size * m) / denom
 
-    _store(param, p)
+    _store_param(param, master, p)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
 
@@ -140,15 +184,17 @@ def sgdw_step_(
     maximize,
     first_step,
     lr_max=None,
+    master=None,
 ):
     """One SGDW step, in place.
 
     With `momentum != 0`, `momentum_buffer` is updated; on the `first_step` it is
     set to the gradient, as torch.optim.SGD does. The weight decay is decoupled:
     p <- p * (1 - lr * weight_decay), never added to the gradient; with `lr_max`
-    (decouple_lr), p <- p * (1 - (lr / lr_max) * weight_decay).
+    (decouple_lr), p <- p * (1 - (lr / lr_max) * weight_decay). With `master`
+    (master weights) the step updates the param's fp32 master.
     """
-    p = _math_view(param)
+    p = _master_value(param, master)
     g = _math_view(grad)
 
     if maximize:
@@ -165,4 +211,4 @@ def sgdw_step_(
         direction = g + momentum * buf if nesterov else buf
     p = p - lr * direction
 
-    _store(param, p)
+    _store_param(param, master, p)

@@ -22,6 +22,8 @@ class SGDW(FusedOptimizer):
     decouple_lr, lr_max: the decay follows the schedule multiplier lr / lr_max,
         p <- p * (1 - (lr / lr_max) * weight_decay), as for fusedopt.Adam.
     state_dtype: the momentum buffers' dtype, as for fusedopt.Adam.
+    master_weights: exact fp32 masters of bfloat16 and float16 params, as for
+        fusedopt.Adam.
     backend: as for fusedopt.Adam.
     """
 
@@ -41,6 +43,7 @@ class SGDW(FusedOptimizer):
         decouple_lr=False,
         lr_max=None,
         state_dtype=None,
+        master_weights=False,
         backend="auto",
     ):
         _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
@@ -48,6 +51,7 @@ class SGDW(FusedOptimizer):
             raise ValueError("differentiable=True is not supported by fusedopt")
         _weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled=True)
         _optimizer.check_state_dtype(state_dtype)
+        _optimizer.check_master_weights(master_weights)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -63,6 +67,8 @@ class SGDW(FusedOptimizer):
             defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
         if state_dtype is not None:
             defaults.update(state_dtype=state_dtype)
+        if master_weights:
+            defaults.update(master_weights=True)
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):
@@ -78,7 +84,8 @@ class SGDW(FusedOptimizer):
     _nullable_state_keys = ("momentum_buffer",)  # None: no buffer yet, as in torch.optim.SGD
 
     def _state_keys(self, group):
-        return ("momentum_buffer",) if group.get("momentum", 0) != 0 else ()
+        buffer = ("momentum_buffer",) if group.get("momentum", 0) != 0 else ()
+        return buffer + self._master_keys(group)
 
     def _hyperparameters(self, group, device):
         lr = _backend.scalar(group["lr"], "lr", device)
@@ -103,7 +110,7 @@ class SGDW(FusedOptimizer):
         h = batch.hyper
         every = range(len(batch.params))
         if h["momentum"] == 0:
-            return [(self._make_args(batch, batch.kernel_params, batch.grads, [], "none"), every)]
+            return [(self._make_args(batch, every, [], "none"), every)]
         states = batch.working
         running = [i for i in every if states[i].get("momentum_buffer") is not None]
         first = [i for i in every if states[i].get("momentum_buffer") is None]
@@ -112,25 +119,25 @@ class SGDW(FusedOptimizer):
         for index, buffer in zip(first, buffers):
             states[index]["momentum_buffer"] = buffer
         return [
-            (self._make_args(batch, [batch.kernel_params[i] for i in indices],
-                             [batch.grads[i] for i in indices],
+            (self._make_args(batch, indices,
                              [batch.kernel_state(i, "momentum_buffer") for i in indices], mode),
              indices)
             for indices, mode in ((running, "running"), (first, "first_step"))
             if indices
         ]
 
-    def _make_args(self, batch, params, grads, buffers, momentum_mode):
+    def _make_args(self, batch, indices, buffers, momentum_mode):
         C = _backend._C
         args = C.SgdwStepArgs()
-        args.params = [p.data_ptr() for p in params]
-        args.grads = [g.data_ptr() for g in grads]
+        args.params = [batch.kernel_params[i].data_ptr() for i in indices]
+        args.grads = [batch.grads[i].data_ptr() for i in indices]
         args.momentum_buffers = [b.data_ptr() for b in buffers]
-        args.numels = [_backend.kernel_numel(p) for p in params]
+        args.numels = [_backend.kernel_numel(batch.kernel_params[i]) for i in indices]
         args.dtype = _backend.KERNEL_CODES[batch.params[0].dtype]
         args.grad_dtype = _backend.KERNEL_CODES[batch.grads[0].dtype]
         args.state_dtype = _backend.KERNEL_CODES[batch.state_dtype]
         args.momentum_mode = getattr(C.Momentum, momentum_mode)
+        self._master_arguments(args, batch, indices)
         self._set_kernel_hyperparameters(args, batch.hyper)
         return args
 
@@ -153,8 +160,8 @@ class SGDW(FusedOptimizer):
                 buffer = torch.empty_like(param, dtype=batch.state_dtype,
                                           memory_format=torch.preserve_format)
                 state["momentum_buffer"] = buffer
-            reference.sgdw_step_(kernel_param, grad, _backend.local(buffer) if buffer is not None
-                                 else None, first_step=first_step, **h)
+            reference.sgdw_step_(kernel_param, grad, _backend.local(buffer), first_step=first_step,
+                                 master=_backend.local(state.get(_optimizer.MASTER_KEY)), **h)
 
 
 def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov):

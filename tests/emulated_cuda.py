@@ -22,24 +22,28 @@ VECTOR_BYTES = 16  # the kernels' vector loads and stores
 RECORD = np.dtype([("address", "<u8"), ("bytes", "<u4"), ("write", "<u4"), ("launch", "<u4"),
                    ("block", "<u4"), ("thread", "<u4"), ("unused", "<u4")])
 ELEMENT_BYTES = {C.ScalarType.float32: 4, C.ScalarType.bfloat16: 2, C.ScalarType.float16: 2}
+MASTER_BYTES = {C.MasterWeights.remainder: 2, C.MasterWeights.fp32: 4}
 
 
 def list_element_bytes(args, num_lists):
-    """Bytes per element of each list: the param, the grad, then the states."""
-    states = [ELEMENT_BYTES[args.state_dtype]] * (num_lists - 2)
-    return [ELEMENT_BYTES[args.dtype], ELEMENT_BYTES[args.grad_dtype]] + states
+    """Bytes per element of each list: the param, the grad, the states, the master if any."""
+    masters = [MASTER_BYTES[args.master]] if args.master != C.MasterWeights.none else []
+    states = [ELEMENT_BYTES[args.state_dtype]] * (num_lists - 2 - len(masters))
+    return [ELEMENT_BYTES[args.dtype], ELEMENT_BYTES[args.grad_dtype]] + states + masters
 
 
 def kernel_lists(kernel_name, args):
     """The call's pointer lists in kernel order, and which of them the kernel only writes."""
+    masters = [args.masters] if args.master != C.MasterWeights.none else []
     if kernel_name == "adam_step":
         lists = [args.params, args.grads, args.exp_avgs, args.exp_avg_sqs]
-        return lists + ([args.max_exp_avg_sqs] if args.amsgrad else []), set()
+        return lists + ([args.max_exp_avg_sqs] if args.amsgrad else []) + masters, set()
     lists = [args.params, args.grads]
     if args.momentum_mode == C.Momentum.none:
-        return lists, set()
+        return lists + masters, set()
     # The first step fills a freshly allocated buffer: reading it would read garbage (F6).
-    return lists + [args.momentum_buffers], {2} if args.momentum_mode == C.Momentum.first_step else set()
+    return (lists + [args.momentum_buffers] + masters,
+            {2} if args.momentum_mode == C.Momentum.first_step else set())
 
 
 def owners(numels, lists, element_bytes, first_launch):

@@ -108,13 +108,15 @@ void* const* as_pointers(const std::vector<T>& list) {
 void adam_step(const AdamStepArgs& args, int num_threads) {
   check_parallel_runtime();
   check_lists(args);
-  const AdamChunkKernel kernel = table().adam({args.dtype, args.grad_dtype, args.state_dtype},
-                                              args.decay, args.amsgrad, args.maximize);
+  const AdamChunkKernel kernel =
+      table().adam({args.dtype, args.grad_dtype, args.state_dtype, args.master}, args.decay,
+                   args.amsgrad, args.maximize);
   const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
   const std::vector<AdamScalars> scalars = advance_adam_steps(args);
-  const AdamKernelArgs kernel_args{as_pointers(args.params),      as_pointers(args.grads),
-                                   as_pointers(args.exp_avgs),    as_pointers(args.exp_avg_sqs),
-                                   as_pointers(args.max_exp_avg_sqs), scalars.data()};
+  const AdamKernelArgs kernel_args{as_pointers(args.params),          as_pointers(args.grads),
+                                   as_pointers(args.exp_avgs),        as_pointers(args.exp_avg_sqs),
+                                   as_pointers(args.max_exp_avg_sqs), as_pointers(args.masters),
+                                   scalars.data()};
   run(plan, num_threads, kernel_args, kernel);
 }
 
@@ -122,10 +124,11 @@ void sgdw_step(const SgdwStepArgs& args, int num_threads) {
   check_parallel_runtime();
   check_lists(args);
   const SgdwChunkKernel kernel =
-      table().sgdw({args.dtype, args.grad_dtype, args.state_dtype}, args.weight_decay != 0.0,
-                   args.momentum_mode, args.nesterov, args.maximize);
+      table().sgdw({args.dtype, args.grad_dtype, args.state_dtype, args.master},
+                   args.weight_decay != 0.0, args.momentum_mode, args.nesterov, args.maximize);
   const SgdwKernelArgs kernel_args{as_pointers(args.params), as_pointers(args.grads),
-                                   as_pointers(args.momentum_buffers), sgdw_scalars(args)};
+                                   as_pointers(args.momentum_buffers), as_pointers(args.masters),
+                                   sgdw_scalars(args)};
   run(plan_work(args.numels), num_threads, kernel_args, kernel);
 }
 

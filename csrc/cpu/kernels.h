@@ -19,6 +19,7 @@ struct AdamKernelArgs {
   void* const* exp_avgs;
   void* const* exp_avg_sqs;
   void* const* max_exp_avg_sqs;  // null unless amsgrad
+  void* const* masters;          // null unless master weights
   const AdamScalars* scalars;    // per tensor
 };
 
@@ -26,17 +27,20 @@ struct SgdwKernelArgs {
   void* const* params;
   void* const* grads;
   void* const* momentum_buffers;  // null when momentum == 0
+  void* const* masters;           // null unless master weights
   SgdScalars scalars;
 };
 
 using AdamChunkKernel = void (*)(const AdamKernelArgs&, const Chunk&);
 using SgdwChunkKernel = void (*)(const SgdwKernelArgs&, const Chunk&);
 
-// The storage types of a call's params, grads and states (NOTE: [precision]).
+// The storage types of a call's params, grads and states, and its master weights
+// (NOTE: [precision]).
 struct Precision {
   ScalarType param;
   ScalarType grad;
   ScalarType state;
+  MasterWeights master;
 };
 
 struct KernelTable {

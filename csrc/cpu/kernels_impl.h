@@ -12,14 +12,22 @@
 namespace fusedopt::cpu::FUSEDOPT_CPU_ISA {
 namespace {
 
+// A chunk's slice of a list; null for a list the call does not have.
+template <typename T, bool kPresent>
+T* slice(void* const* list, const Chunk& chunk) {
+  return kPresent ? static_cast<T*>(list[chunk.tensor]) + chunk.begin : nullptr;
+}
+
 // One pass over a chunk: each element of every list is loaded once, updated in
 // fp32 registers and stored once. Plain indexed loops over __restrict pointers, so
 // the compiler vectorizes the whole body, conversions included.
-template <typename ParamT, typename GradT, typename StateT, WeightDecay kDecay, bool kAmsgrad,
-          bool kMaximize>
+template <typename ParamT, typename GradT, typename StateT, typename MasterT, WeightDecay kDecay,
+          bool kAmsgrad, bool kMaximize>
 void adam_chunk(const AdamKernelArgs& args, const Chunk& chunk) {
+  constexpr bool kHasMaster = !std::is_same_v<MasterT, NoMaster>;
   const int64_t t = chunk.tensor;
   ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
+  MasterT* __restrict master = slice<MasterT, kHasMaster>(args.masters, chunk);
   const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
   StateT* __restrict exp_avg = static_cast<StateT*>(args.exp_avgs[t]) + chunk.begin;
   StateT* __restrict exp_avg_sq = static_cast<StateT*>(args.exp_avg_sqs[t]) + chunk.begin;
@@ -29,24 +37,31 @@ void adam_chunk(const AdamKernelArgs& args, const Chunk& chunk) {
   const int64_t n = chunk.end - chunk.begin;
   for (int64_t i = 0; i < n; ++i) {
     float p = to_float(param[i]);
+    float master_bits = 0.0f;
+    if constexpr (kHasMaster) master_bits = to_float(master[i]);
+    p = master_value<MasterT>(p, master_bits);
     float m = to_float(exp_avg[i]);
     float v = to_float(exp_avg_sq[i]);
     float v_max = 0.0f;
     if constexpr (kAmsgrad) v_max = to_float(max_exp_avg_sq[i]);
     adam_update<kDecay, kAmsgrad, kMaximize>(p, to_float(grad[i]), m, v, v_max, scalars);
+    store_master_value<MasterT>(p, p, master_bits);
     param[i] = from_float<ParamT>(p);
+    if constexpr (kHasMaster) master[i] = from_float<MasterT>(master_bits);
     exp_avg[i] = from_float<StateT>(m);
     exp_avg_sq[i] = from_float<StateT>(v);
     if constexpr (kAmsgrad) max_exp_avg_sq[i] = from_float<StateT>(v_max);
   }
 }
 
-template <typename ParamT, typename GradT, typename StateT, bool kDecoupledDecay, Momentum kMomentum,
-          bool kNesterov, bool kMaximize>
+template <typename ParamT, typename GradT, typename StateT, typename MasterT, bool kDecoupledDecay,
+          Momentum kMomentum, bool kNesterov, bool kMaximize>
 void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
   constexpr bool kHasBuffer = kMomentum != Momentum::kNone;
+  constexpr bool kHasMaster = !std::is_same_v<MasterT, NoMaster>;
   const int64_t t = chunk.tensor;
   ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
+  MasterT* __restrict master = slice<MasterT, kHasMaster>(args.masters, chunk);
   const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
   StateT* __restrict buffer =
       kHasBuffer ? static_cast<StateT*>(args.momentum_buffers[t]) + chunk.begin : nullptr;
@@ -54,25 +69,31 @@ void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
   const int64_t n = chunk.end - chunk.begin;
   for (int64_t i = 0; i < n; ++i) {
     float p = to_float(param[i]);
+    float master_bits = 0.0f;
+    if constexpr (kHasMaster) master_bits = to_float(master[i]);
+    p = master_value<MasterT>(p, master_bits);
     float b = 0.0f;
     if constexpr (kMomentum == Momentum::kRunning) b = to_float(buffer[i]);
     sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(p, to_float(grad[i]), b, scalars);
+    store_master_value<MasterT>(p, p, master_bits);
     param[i] = from_float<ParamT>(p);
+    if constexpr (kHasMaster) master[i] = from_float<MasterT>(master_bits);
     if constexpr (kHasBuffer) buffer[i] = from_float<StateT>(b);
   }
 }
 
 AdamChunkKernel select_adam(const Precision& precision, WeightDecay decay, bool amsgrad,
                             bool maximize) {
-  return with_precision(precision.param, precision.grad, precision.state,
-                        [&](auto param, auto grad, auto state) {
+  return with_precision(precision.param, precision.grad, precision.state, precision.master,
+                        [&](auto param, auto grad, auto state, auto master) {
     using P = typename decltype(param)::type;
     using G = typename decltype(grad)::type;
     using S = typename decltype(state)::type;
+    using M = typename decltype(master)::type;
     return with_weight_decay(decay, [&](auto kDecay) {
       return with_bool(amsgrad, [&](auto kAmsgrad) {
         return with_bool(maximize, [&](auto kMaximize) -> AdamChunkKernel {
-          return &adam_chunk<P, G, S, kDecay.value, kAmsgrad.value, kMaximize.value>;
+          return &adam_chunk<P, G, S, M, kDecay.value, kAmsgrad.value, kMaximize.value>;
         });
       });
     });
@@ -81,16 +102,17 @@ AdamChunkKernel select_adam(const Precision& precision, WeightDecay decay, bool 
 
 SgdwChunkKernel select_sgdw(const Precision& precision, bool decoupled_decay, Momentum momentum,
                             bool nesterov, bool maximize) {
-  return with_precision(precision.param, precision.grad, precision.state,
-                        [&](auto param, auto grad, auto state) {
+  return with_precision(precision.param, precision.grad, precision.state, precision.master,
+                        [&](auto param, auto grad, auto state, auto master) {
     using P = typename decltype(param)::type;
     using G = typename decltype(grad)::type;
     using S = typename decltype(state)::type;
+    using M = typename decltype(master)::type;
     return with_bool(decoupled_decay, [&](auto kDecay) {
       return with_momentum(momentum, [&](auto kMomentum) {
         return with_bool(nesterov, [&](auto kNesterov) {
           return with_bool(maximize, [&](auto kMaximize) -> SgdwChunkKernel {
-            return &sgdw_chunk<P, G, S, kDecay.value, kMomentum.value, kNesterov.value,
+            return &sgdw_chunk<P, G, S, M, kDecay.value, kMomentum.value, kNesterov.value,
                                kMaximize.value>;
           });
         });

@@ -29,9 +29,14 @@ constexpr int kMaxTensors = 256;
 // Kernel parameters may take 32,764 bytes (CUDA 12.1+, Volta and newer).
 constexpr int kParamBytes = 32000;
 
+// Room for each tensor's own scalars, whatever the kernel keeps there: a launch's
+// capacity then depends on its number of lists only.
+constexpr int kTensorScalarBytes = 8;
+
 template <int kNumLists, typename TensorScalars>
 struct LaunchTable {
-  static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + sizeof(TensorScalars);
+  static_assert(sizeof(TensorScalars) <= kTensorScalarBytes, "per-tensor scalars outgrow the table");
+  static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + kTensorScalarBytes;
   static constexpr int kMaxChunks = (kParamBytes - 256 - kMaxTensors * kPerTensorBytes) / 8;
 
   void* pointers[kNumLists][kMaxTensors];
@@ -74,21 +79,43 @@ void check(cudaError_t status, const char* what) {
   }
 }
 
-// The storage type of list l of a kernel: list 0 is the param, list 1 the grad, the
-// others are states (NOTE: [precision] in dispatch.h).
-template <typename ParamT, typename GradT, typename StateT>
-__host__ __device__ constexpr int64_t list_element_bytes(int l) {
-  return l == 0 ? sizeof(ParamT) : l == 1 ? sizeof(GradT) : sizeof(StateT);
+// The storage types of a kernel's lists (NOTE: [precision] in dispatch.h): list 0 is
+// the param, list 1 the grad, the last the master when there is one (NOTE: [master
+// weights] in dtypes.h), the others states.
+template <typename ParamT, typename GradT, typename StateT, typename MasterT, int kNumLists>
+struct ListTypes {
+  using Param = ParamT;
+  using Grad = GradT;
+  using State = StateT;
+  static constexpr bool kHasMaster = !std::is_same_v<MasterT, NoMaster>;
+  static constexpr int kMasterList = kHasMaster ? kNumLists - 1 : -1;
+  // The master list's type where there is one; code for the other case is never run.
+  using Master = std::conditional_t<kHasMaster, MasterT, StateT>;
+
+  __host__ __device__ static constexpr int64_t bytes(int l) {
+    return l == 0 ? sizeof(ParamT) : l == 1 ? sizeof(GradT) : l == kMasterList ? sizeof(Master)
+                                                                                : sizeof(StateT);
+  }
+  __host__ __device__ static constexpr int64_t widest() {
+    int64_t widest_bytes = 0;
+    for (int l = 0; l < kNumLists; ++l) widest_bytes = bytes(l) > widest_bytes ? bytes(l) : widest_bytes;
+    return widest_bytes;
+  }
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ void load_vector(const void* list, int64_t i, float (&out)[kVec]) {
+  const auto loaded = load(reinterpret_cast<const Vector<T, kVec>*>(static_cast<const T*>(list) + i));
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) out[e] = to_float(loaded.values[e]);
 }
 
-template <typename ParamT, typename GradT, typename StateT>
-__host__ __device__ constexpr int64_t widest() {
-  int64_t bytes = 0;
-  for (int l = 0; l < 3; ++l) {
-    const int64_t list_bytes = list_element_bytes<ParamT, GradT, StateT>(l);
-    bytes = list_bytes > bytes ? list_bytes : bytes;
-  }
-  return bytes;
+template <typename T, int kVec>
+__device__ __forceinline__ void store_vector(void* list, int64_t i, const float (&values)[kVec]) {
+  Vector<T, kVec> stored;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) stored.values[e] = from_float<T>(values[e]);
+  store(reinterpret_cast<Vector<T, kVec>*>(static_cast<T*>(list) + i), stored);
 }
 
 // Runs `update(values)` over every element of one chunk. List 0 is the param,
@@ -96,16 +123,19 @@ __host__ __device__ constexpr int64_t widest() {
 // kWriteOnlyLists is written without being read: its values enter `update` as 0
 // (SGDW's first step fills a fresh, uninitialized buffer). Vectors hold as many
 // elements as 16 bytes of the widest list: no access is wider than 16 bytes.
-template <typename ParamT, typename GradT, typename StateT, int kNumLists,
-          unsigned kWriteOnlyLists, typename Update>
+template <typename Types, int kNumLists, unsigned kWriteOnlyLists, typename Update>
 __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists], int64_t n,
                                              const Update& update) {
-  constexpr int64_t kWidest = widest<ParamT, GradT, StateT>();
-  constexpr int kVec = static_cast<int>(16 / kWidest);
+  using ParamT = typename Types::Param;
+  using GradT = typename Types::Grad;
+  using StateT = typename Types::State;
+  using MasterT = typename Types::Master;
+  constexpr int kMasterList = Types::kMasterList;
+  constexpr int kVec = static_cast<int>(16 / Types::widest());
   bool aligned = true;
 #pragma unroll
   for (int l = 0; l < kNumLists; ++l) {
-    const int64_t bytes = list_element_bytes<ParamT, GradT, StateT>(l) * kVec;
+    const int64_t bytes = Types::bytes(l) * kVec;
     aligned = aligned && reinterpret_cast<uintptr_t>(pointers[l]) % bytes == 0;
   }
   const int64_t vector_end = aligned ? n - n % kVec : 0;
@@ -117,21 +147,14 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
       if (kWriteOnlyLists & (1u << l)) {
 #pragma unroll
         for (int e = 0; e < kVec; ++e) values[l][e] = 0.0f;
-      } else if (l == 1) {
-        const auto loaded = load(reinterpret_cast<const Vector<GradT, kVec>*>(
-            static_cast<const GradT*>(pointers[l]) + i));
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
       } else if (l == 0) {
-        const auto loaded = load(reinterpret_cast<const Vector<ParamT, kVec>*>(
-            static_cast<const ParamT*>(pointers[l]) + i));
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
+        load_vector<ParamT>(pointers[l], i, values[l]);
+      } else if (l == 1) {
+        load_vector<GradT>(pointers[l], i, values[l]);
+      } else if (l == kMasterList) {
+        load_vector<MasterT>(pointers[l], i, values[l]);
       } else {
-        const auto loaded = load(reinterpret_cast<const Vector<StateT, kVec>*>(
-            static_cast<const StateT*>(pointers[l]) + i));
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) values[l][e] = to_float(loaded.values[e]);
+        load_vector<StateT>(pointers[l], i, values[l]);
       }
     }
 #pragma unroll
@@ -143,18 +166,14 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
 #pragma unroll
       for (int l = 0; l < kNumLists; ++l) values[l][e] = element[l];
     }
-    {
-      Vector<ParamT, kVec> stored;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) stored.values[e] = from_float<ParamT>(values[0][e]);
-      store(reinterpret_cast<Vector<ParamT, kVec>*>(static_cast<ParamT*>(pointers[0]) + i), stored);
-    }
+    store_vector<ParamT>(pointers[0], i, values[0]);
 #pragma unroll
     for (int l = 2; l < kNumLists; ++l) {
-      Vector<StateT, kVec> stored;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) stored.values[e] = from_float<StateT>(values[l][e]);
-      store(reinterpret_cast<Vector<StateT, kVec>*>(static_cast<StateT*>(pointers[l]) + i), stored);
+      if (l == kMasterList) {
+        store_vector<MasterT>(pointers[l], i, values[l]);
+      } else {
+        store_vector<StateT>(pointers[l], i, values[l]);
+      }
     }
   }
   for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
@@ -163,10 +182,12 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
     for (int l = 0; l < kNumLists; ++l) {
       if (kWriteOnlyLists & (1u << l)) {
         element[l] = 0.0f;
-      } else if (l == 1) {
-        element[l] = to_float(load(static_cast<const GradT*>(pointers[l]) + i));
       } else if (l == 0) {
         element[l] = to_float(load(static_cast<const ParamT*>(pointers[l]) + i));
+      } else if (l == 1) {
+        element[l] = to_float(load(static_cast<const GradT*>(pointers[l]) + i));
+      } else if (l == kMasterList) {
+        element[l] = to_float(load(static_cast<const MasterT*>(pointers[l]) + i));
       } else {
         element[l] = to_float(load(static_cast<const StateT*>(pointers[l]) + i));
       }
@@ -175,7 +196,11 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
     store(static_cast<ParamT*>(pointers[0]) + i, from_float<ParamT>(element[0]));
 #pragma unroll
     for (int l = 2; l < kNumLists; ++l) {
-      store(static_cast<StateT*>(pointers[l]) + i, from_float<StateT>(element[l]));
+      if (l == kMasterList) {
+        store(static_cast<MasterT*>(pointers[l]) + i, from_float<MasterT>(element[l]));
+      } else {
+        store(static_cast<StateT*>(pointers[l]) + i, from_float<StateT>(element[l]));
+      }
     }
   }
 }
@@ -196,48 +221,76 @@ __device__ __forceinline__ int64_t locate_chunk(const LaunchTable<kNumLists, Ten
   return remaining < chunk ? remaining : chunk;
 }
 
-template <typename ParamT, typename GradT, typename StateT, WeightDecay kDecay, bool kAmsgrad,
-          bool kMaximize>
+// A kernel's lists: the param, the grad, `kStates` states and the master if any.
+template <typename MasterT, int kStates>
+__host__ __device__ constexpr int num_lists() {
+  return 2 + kStates + (std::is_same_v<MasterT, NoMaster> ? 0 : 1);
+}
+
+// Calls `step(value, states...)` on the fp32 value the kernel updates: the param's, or
+// its master's, written back to both lists afterwards (NOTE: [master weights]).
+template <typename Types, int kNumLists, typename Step>
+__device__ __forceinline__ void with_master(float (&v)[kNumLists], const Step& step) {
+  float unused_master = 0.0f;
+  float& master = Types::kHasMaster ? v[kNumLists - 1] : unused_master;
+  float value = master_value<typename Types::Master>(v[0], master);
+  step(value);
+  if constexpr (Types::kHasMaster) {
+    store_master_value<typename Types::Master>(value, v[0], master);
+  } else {
+    v[0] = value;
+  }
+}
+
+template <typename ParamT, typename GradT, typename StateT, typename MasterT, WeightDecay kDecay,
+          bool kAmsgrad, bool kMaximize>
 __global__ void __launch_bounds__(kBlockThreads)
-    adam_kernel(const __grid_constant__ LaunchTable<kAmsgrad ? 5 : 4, AdamTensorScalars> table,
+    adam_kernel(const __grid_constant__ LaunchTable<num_lists<MasterT, kAmsgrad ? 3 : 2>(),
+                                                    AdamTensorScalars> table,
                 const AdamScalars shared) {
-  constexpr int kNumLists = kAmsgrad ? 5 : 4;
+  constexpr int kNumLists = num_lists<MasterT, kAmsgrad ? 3 : 2>();
+  using Types = ListTypes<ParamT, GradT, StateT, MasterT, kNumLists>;
   int64_t element_bytes[kNumLists];
 #pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = list_element_bytes<ParamT, GradT, StateT>(l);
+  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = Types::bytes(l);
   void* pointers[kNumLists];
   int slot;
   const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
   AdamScalars scalars = shared;
   scalars.step_size = table.tensor_scalars[slot].step_size;
   scalars.bias_correction2_sqrt = table.tensor_scalars[slot].bias_correction2_sqrt;
-  update_chunk<ParamT, GradT, StateT, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
-    float unused_max = 0.0f;
-    adam_update<kDecay, kAmsgrad, kMaximize>(v[0], v[1], v[2], v[3],
-                                            kAmsgrad ? v[kNumLists - 1] : unused_max, scalars);
+  update_chunk<Types, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
+    with_master<Types>(v, [&](float& param) {
+      float unused_max = 0.0f;
+      adam_update<kDecay, kAmsgrad, kMaximize>(param, v[1], v[2], v[3], kAmsgrad ? v[4] : unused_max,
+                                              scalars);
+    });
   });
 }
 
-template <typename ParamT, typename GradT, typename StateT, bool kDecoupledDecay, Momentum kMomentum,
-          bool kNesterov, bool kMaximize>
+template <typename ParamT, typename GradT, typename StateT, typename MasterT, bool kDecoupledDecay,
+          Momentum kMomentum, bool kNesterov, bool kMaximize>
 __global__ void __launch_bounds__(kBlockThreads)
-    sgdw_kernel(const __grid_constant__ LaunchTable<kMomentum == Momentum::kNone ? 2 : 3,
-                                                    NoTensorScalars> table,
+    sgdw_kernel(const __grid_constant__ LaunchTable<
+                    num_lists<MasterT, kMomentum == Momentum::kNone ? 0 : 1>(), NoTensorScalars> table,
                 const SgdScalars scalars) {
-  constexpr int kNumLists = kMomentum == Momentum::kNone ? 2 : 3;
+  constexpr bool kHasBuffer = kMomentum != Momentum::kNone;
+  constexpr int kNumLists = num_lists<MasterT, kHasBuffer ? 1 : 0>();
+  using Types = ListTypes<ParamT, GradT, StateT, MasterT, kNumLists>;
   int64_t element_bytes[kNumLists];
 #pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = list_element_bytes<ParamT, GradT, StateT>(l);
+  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = Types::bytes(l);
   void* pointers[kNumLists];
   int slot;
   const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
-  // The first step creates the momentum buffer from the gradient: it is written only.
+  // The first step creates the momentum buffer (list 2) from the gradient: it is written only.
   constexpr unsigned kWriteOnlyLists = kMomentum == Momentum::kFirstStep ? 1u << 2 : 0u;
-  update_chunk<ParamT, GradT, StateT, kNumLists, kWriteOnlyLists>(pointers, n,
-                                                                  [&](float (&v)[kNumLists]) {
-    float unused_buffer = 0.0f;
-    sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(
-        v[0], v[1], kMomentum == Momentum::kNone ? unused_buffer : v[kNumLists - 1], scalars);
+  update_chunk<Types, kNumLists, kWriteOnlyLists>(pointers, n, [&](float (&v)[kNumLists]) {
+    with_master<Types>(v, [&](float& param) {
+      float unused_buffer = 0.0f;
+      sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(
+          param, v[1], kHasBuffer ? v[2] : unused_buffer, scalars);
+    });
   });
 }
 
@@ -356,17 +409,20 @@ LaunchCapacity launch_capacity(int num_lists) {
     case 3:
       return {kMaxTensors, LaunchTable<3, NoTensorScalars>::kMaxChunks};
     case 4:
-      return {kMaxTensors, LaunchTable<4, AdamTensorScalars>::kMaxChunks};
+      return {kMaxTensors, LaunchTable<4, NoTensorScalars>::kMaxChunks};
     case 5:
-      return {kMaxTensors, LaunchTable<5, AdamTensorScalars>::kMaxChunks};
+      return {kMaxTensors, LaunchTable<5, NoTensorScalars>::kMaxChunks};
+    case 6:
+      return {kMaxTensors, LaunchTable<6, NoTensorScalars>::kMaxChunks};
   }
-  throw std::invalid_argument("launch tables hold 2 to 5 lists");
+  throw std::invalid_argument("launch tables hold 2 to 6 lists");
 }
 
 void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   check_lists(args);
-  const std::vector<LaunchPlan> plans =
-      plan_launches(args.numels, chunk_elements(), launch_capacity(args.amsgrad ? 5 : 4));
+  const bool has_master = args.master != MasterWeights::kNone;
+  const std::vector<LaunchPlan> plans = plan_launches(
+      args.numels, chunk_elements(), launch_capacity((args.amsgrad ? 5 : 4) + (has_master ? 1 : 0)));
   DeviceGuard guard(device);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   refuse_graph_capture(cuda_stream);
@@ -376,19 +432,22 @@ void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
                                                    &args.exp_avg_sqs};
   if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
+  if (has_master) lists.push_back(&args.masters);
   auto tensor_scalars_of = [&](int64_t t) {
     return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
   };
-  with_precision(args.dtype, args.grad_dtype, args.state_dtype, [&](auto param, auto grad, auto state) {
+  with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
+                 [&](auto param, auto grad, auto state, auto master) {
     using P = typename decltype(param)::type;
     using G = typename decltype(grad)::type;
     using S = typename decltype(state)::type;
+    using M = typename decltype(master)::type;
     with_weight_decay(args.decay, [&](auto decay) {
       with_bool(args.amsgrad, [&](auto amsgrad) {
         with_bool(args.maximize, [&](auto maximize) {
-          launch_all<LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>>(
+          launch_all<LaunchTable<num_lists<M, amsgrad.value ? 3 : 2>(), AdamTensorScalars>>(
               plans, lists, args.numels,
-              adam_kernel<P, G, S, decay.value, amsgrad.value, maximize.value>, shared,
+              adam_kernel<P, G, S, M, decay.value, amsgrad.value, maximize.value>, shared,
               tensor_scalars_of, cuda_stream);
         });
       });
@@ -400,27 +459,31 @@ void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
 void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
   check_lists(args);
   const bool has_buffer = args.momentum_mode != Momentum::kNone;
-  const std::vector<LaunchPlan> plans =
-      plan_launches(args.numels, chunk_elements(), launch_capacity(has_buffer ? 3 : 2));
+  const bool has_master = args.master != MasterWeights::kNone;
+  const std::vector<LaunchPlan> plans = plan_launches(
+      args.numels, chunk_elements(), launch_capacity(2 + (has_buffer ? 1 : 0) + (has_master ? 1 : 0)));
   DeviceGuard guard(device);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   refuse_graph_capture(cuda_stream);
   const SgdScalars scalars = sgdw_scalars(args);
   std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
   if (has_buffer) lists.push_back(&args.momentum_buffers);
+  if (has_master) lists.push_back(&args.masters);
   auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
-  with_precision(args.dtype, args.grad_dtype, args.state_dtype, [&](auto param, auto grad, auto state) {
+  with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
+                 [&](auto param, auto grad, auto state, auto master) {
     using P = typename decltype(param)::type;
     using G = typename decltype(grad)::type;
     using S = typename decltype(state)::type;
+    using M = typename decltype(master)::type;
     with_bool(args.weight_decay != 0.0, [&](auto decay) {
       with_momentum(args.momentum_mode, [&](auto momentum) {
         with_bool(args.nesterov, [&](auto nesterov) {
           with_bool(args.maximize, [&](auto maximize) {
-            constexpr int kNumLists = momentum.value == Momentum::kNone ? 2 : 3;
+            constexpr int kNumLists = num_lists<M, momentum.value == Momentum::kNone ? 0 : 1>();
             launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
                 plans, lists, args.numels,
-                sgdw_kernel<P, G, S, decay.value, momentum.value, nesterov.value, maximize.value>,
+                sgdw_kernel<P, G, S, M, decay.value, momentum.value, nesterov.value, maximize.value>,
                 scalars, no_tensor_scalars, cuda_stream);
           });
         });

@@ -24,35 +24,47 @@ auto with_bool(bool value, F&& f) {
 }
 
 // NOTE: [precision]
-// The storage types of one call: params, grads, states. Every kernel dtype steps with
-// grads and states of its own type (torch.optim's layout). bf16 and fp16 params may
-// keep fp32 states instead (`state_dtype=torch.float32`), and then take their grads
-// in either their own type or fp32 (`param.grad_dtype = torch.float32`: fp32 gradient
-// accumulation). Math is fp32 in every case; only these combinations are compiled.
+// The storage types of one call: params, grads, states, masters. Every kernel dtype
+// steps with grads and states of its own type (torch.optim's layout). bf16 and fp16
+// params may keep fp32 states instead (`state_dtype=torch.float32`), and then take
+// their grads in either their own type or fp32 (`param.grad_dtype = torch.float32`:
+// fp32 gradient accumulation); with fp32 states they may also keep exact fp32 masters
+// (NOTE: [master weights] in dtypes.h). Math is fp32 in every case; only these
+// combinations are compiled.
 template <typename F>
-auto with_precision(ScalarType param, ScalarType grad, ScalarType state, F&& f) {
+auto with_precision(ScalarType param, ScalarType grad, ScalarType state, MasterWeights master,
+                    F&& f) {
   using P = ScalarType;
+  using None = TypeTag<NoMaster>;
   const bool own_grads_and_states = grad == param && state == param;
-  if (param == P::kFloat32 && own_grads_and_states) {
-    return f(TypeTag<float>{}, TypeTag<float>{}, TypeTag<float>{});
-  }
-  if (param == P::kBFloat16 && own_grads_and_states) {
-    return f(TypeTag<BFloat16>{}, TypeTag<BFloat16>{}, TypeTag<BFloat16>{});
-  }
-  if (param == P::kFloat16 && own_grads_and_states) {
-    return f(TypeTag<Float16>{}, TypeTag<Float16>{}, TypeTag<Float16>{});
-  }
-  if (state == P::kFloat32 && (grad == param || grad == P::kFloat32)) {
+  if (master == MasterWeights::kNone && own_grads_and_states) {
+    if (param == P::kFloat32) return f(TypeTag<float>{}, TypeTag<float>{}, TypeTag<float>{}, None{});
     if (param == P::kBFloat16) {
-      return grad == param ? f(TypeTag<BFloat16>{}, TypeTag<BFloat16>{}, TypeTag<float>{})
-                           : f(TypeTag<BFloat16>{}, TypeTag<float>{}, TypeTag<float>{});
+      return f(TypeTag<BFloat16>{}, TypeTag<BFloat16>{}, TypeTag<BFloat16>{}, None{});
     }
     if (param == P::kFloat16) {
-      return grad == param ? f(TypeTag<Float16>{}, TypeTag<Float16>{}, TypeTag<float>{})
-                           : f(TypeTag<Float16>{}, TypeTag<float>{}, TypeTag<float>{});
+      return f(TypeTag<Float16>{}, TypeTag<Float16>{}, TypeTag<Float16>{}, None{});
     }
   }
-  throw std::invalid_argument("no kernel for these storage types of params, grads and states");
+  if (state == P::kFloat32 && (grad == param || grad == P::kFloat32)) {
+    const bool fp32_grads = grad == P::kFloat32;
+    if (param == P::kBFloat16 && master != MasterWeights::kFp32) {
+      return with_bool(master == MasterWeights::kRemainder, [&](auto remainder) {
+        using M = std::conditional_t<remainder.value, Remainder16, NoMaster>;
+        return fp32_grads ? f(TypeTag<BFloat16>{}, TypeTag<float>{}, TypeTag<float>{}, TypeTag<M>{})
+                          : f(TypeTag<BFloat16>{}, TypeTag<BFloat16>{}, TypeTag<float>{}, TypeTag<M>{});
+      });
+    }
+    if (param == P::kFloat16 && master != MasterWeights::kRemainder) {
+      return with_bool(master == MasterWeights::kFp32, [&](auto fp32) {
+        using M = std::conditional_t<fp32.value, float, NoMaster>;
+        return fp32_grads ? f(TypeTag<Float16>{}, TypeTag<float>{}, TypeTag<float>{}, TypeTag<M>{})
+                          : f(TypeTag<Float16>{}, TypeTag<Float16>{}, TypeTag<float>{}, TypeTag<M>{});
+      });
+    }
+  }
+  throw std::invalid_argument(
+      "no kernel for these storage types of params, grads, states and master weights");
 }
 
 template <typename F>

@@ -15,13 +15,19 @@
 
 namespace fusedopt {
 
-// Codes shared with Python (fusedopt/_backend.py keeps the same table).
-enum class ScalarType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// Codes shared with Python (fusedopt/_backend.py keeps the same table). kInt16 is
+// the storage of master-weight remainders only (NOTE: [master weights]).
+enum class ScalarType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt16 = 3 };
 
 struct BFloat16 {
   uint16_t bits;
 };
 struct Float16 {
+  uint16_t bits;
+};
+// The low 16 bits of an fp32 master weight beside its bf16 param (NOTE: [master
+// weights]); stored in a torch.int16 tensor, read as its unsigned bit pattern.
+struct Remainder16 {
   uint16_t bits;
 };
 
@@ -97,15 +103,89 @@ FUSEDOPT_HOST_DEVICE Float16 float_to_float16(float value) {
   return Float16{static_cast<uint16_t>(half | sign)};
 }
 
+// A remainder's bit pattern as a float (0 to 65535: exact), so that kernels carry it
+// in the same fp32 registers as every other list.
+FUSEDOPT_HOST_DEVICE float to_float(Remainder16 value) { return static_cast<float>(value.bits); }
+
 template <typename T>
 FUSEDOPT_HOST_DEVICE T from_float(float value) {
   if constexpr (std::is_same_v<T, BFloat16>) {
     return float_to_bfloat16(value);
   } else if constexpr (std::is_same_v<T, Float16>) {
     return float_to_float16(value);
+  } else if constexpr (std::is_same_v<T, Remainder16>) {
+    return Remainder16{static_cast<uint16_t>(value)};
   } else {
     static_assert(std::is_same_v<T, float>, "storage types: float, BFloat16, Float16");
     return value;
+  }
+}
+
+// NOTE: [master weights]
+// With master_weights=True a bf16 param keeps an exact fp32 master for +2 bytes: the
+// param holds the master's high 16 bits, rounded to nearest, and a 16-bit remainder
+// holds its low 16 bits. Rounding is to nearest with ties away from zero (a carry
+// into the high half when the low half is 0x8000 or more), because only then does
+// the remainder's top bit say which way the param was rounded: with ties to even, a
+// tie rounded down and a tie rounded up leave the same bits. A NaN master keeps the
+// canonical NaN in the param and a zero remainder. Both functions work on fp32 values
+// in registers: the param's (exact in fp32) and the remainder's bit pattern.
+
+// The fp32 master rebuilt from a bf16 param and its remainder. A zero param with a
+// remainder of 0x8000 or more comes from no split (the user zeroed the param): the
+// borrow would cross the sign bit, so the master is the param.
+FUSEDOPT_HOST_DEVICE float rebuild_master(float param, float remainder) {
+  const uint32_t low = static_cast<uint32_t>(remainder);
+  const uint32_t param_high = float_to_bits(param) >> 16;
+  const bool borrow = low >= 0x8000u;
+  const bool zero = (param_high & 0x7fffu) == 0;
+  const float rebuilt = bits_to_float(((param_high - (borrow ? 1u : 0u)) << 16) | low);
+  return borrow && zero ? param : rebuilt;
+}
+
+// Splits an fp32 master into its bf16 param (as an fp32 value) and remainder.
+FUSEDOPT_HOST_DEVICE void split_master(float master, float& param, float& remainder) {
+  const uint32_t bits = float_to_bits(master);
+  const uint32_t low = bits & 0xffffu;
+  const uint32_t high = (bits >> 16) + (low >= 0x8000u ? 1u : 0u);
+  const bool is_nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  param = bits_to_float(is_nan ? 0x7fc00000u : (high << 16));
+  remainder = static_cast<float>(is_nan ? 0u : low);
+}
+
+// An fp16 param's fp32 master (a full fp32 state tensor): the master, unless the
+// param is no longer the master's rounding (the user wrote the param: a load, a
+// reinitialization), in which case the master restarts from the param.
+FUSEDOPT_HOST_DEVICE float fp16_master_or_param(float master, float param) {
+  return to_float(float_to_float16(master)) == param ? master : param;
+}
+
+// How a call keeps master weights; the kernels' master list has storage type
+// Remainder16 (bf16 params), float (fp16 params) or none (NoMaster).
+enum class MasterWeights : int { kNone = 0, kRemainder = 1, kFp32 = 2 };
+struct NoMaster {};
+
+// The fp32 value a step updates, from the param's value and its master list's.
+template <typename MasterT>
+FUSEDOPT_HOST_DEVICE float master_value(float param, float master) {
+  if constexpr (std::is_same_v<MasterT, Remainder16>) {
+    return rebuild_master(param, master);
+  } else if constexpr (std::is_same_v<MasterT, float>) {
+    return fp16_master_or_param(master, param);
+  } else {
+    return param;
+  }
+}
+
+// The updated value as the param's and the master list's values to store (the param
+// is rounded to its dtype by its store).
+template <typename MasterT>
+FUSEDOPT_HOST_DEVICE void store_master_value(float value, float& param, float& master) {
+  if constexpr (std::is_same_v<MasterT, Remainder16>) {
+    split_master(value, param, master);
+  } else {
+    param = value;
+    master = value;
   }
 }
 

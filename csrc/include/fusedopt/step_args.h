@@ -19,6 +19,7 @@ struct AdamStepArgs {
   std::vector<uintptr_t> exp_avg_sqs;
   std::vector<uintptr_t> max_exp_avg_sqs;  // empty unless amsgrad
   std::vector<uintptr_t> steps;            // fp32 step counters in host memory, incremented here
+  std::vector<uintptr_t> masters;          // empty unless master weights (NOTE: [master weights])
   std::vector<int64_t> numels;
   // Storage types (NOTE: [precision] in dispatch.h): params; grads, the param's or
   // fp32; states, the param's or fp32.
@@ -28,6 +29,7 @@ struct AdamStepArgs {
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
   WeightDecay decay = WeightDecay::kNone;
+  MasterWeights master = MasterWeights::kNone;
   bool amsgrad = false;
   bool maximize = false;
 };
@@ -36,6 +38,7 @@ struct SgdwStepArgs {
   std::vector<uintptr_t> params;
   std::vector<uintptr_t> grads;
   std::vector<uintptr_t> momentum_buffers;  // empty when momentum == 0
+  std::vector<uintptr_t> masters;           // empty unless master weights
   std::vector<int64_t> numels;
   ScalarType dtype = ScalarType::kFloat32;  // params; grads and buffers as in AdamStepArgs
   ScalarType grad_dtype = ScalarType::kFloat32;
@@ -43,6 +46,7 @@ struct SgdwStepArgs {
   double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
   double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
   Momentum momentum_mode = Momentum::kNone;  // kFirstStep fills freshly allocated buffers
+  MasterWeights master = MasterWeights::kNone;
   bool nesterov = false;
   bool maximize = false;
 };
