@@ -15,7 +15,7 @@ epochs):
   * SGD with momentum and L2 weight decay (torch.optim.SGD).
 The first picture shows training loss, test error, the learning rate and the decay
 applied per step; the second the LR range test (torch-lr-finder) on fusedopt.AdamW
-and fusedopt.SGDW. About 5 s on one CPU core.
+and fusedopt.SGDW. 5-12 s on one CPU core.
 """
 import argparse
 import os
@@ -153,7 +153,6 @@ def plot_training(histories, path):
 
 def plot_lr_range_test(data, path, seed):
     """Leslie Smith's LR range test with torch-lr-finder, driving fusedopt optimizers."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # torch-lr-finder's progress bar
     from torch_lr_finder import LRFinder
 
     x_train, y_train = data[0], data[1]

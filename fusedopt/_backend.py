@@ -13,6 +13,7 @@ import inspect
 import math
 import numbers
 import os
+import sys
 import warnings
 
 import torch
@@ -492,6 +493,19 @@ def scalar(value, name, param_device):
             )
         value = value.item()
     return float(value)
+
+
+# Frames of these directories are not the user's: warnings point past them.
+_INTERNAL_DIRS = (_PACKAGE_DIR + os.sep, os.path.dirname(torch.optim.__file__) + os.sep)
+
+
+def warn_at_caller(message):
+    """warnings.warn, attributed to the first frame outside fusedopt and torch.optim
+    (the user's `step()` call, whichever path planned it)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def kernel_unavailable_reason(device_type):

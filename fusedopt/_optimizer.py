@@ -10,7 +10,6 @@ launches does new state enter `optimizer.state`, a param's entries at once.
 """
 import operator
 import threading
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -143,7 +142,11 @@ class FusedOptimizer(Optimizer):
         with self._lock:
             super().add_param_group(param_group)
             if self.param_groups[-1].get("decouple_lr", False):
-                weight_decay.record_lr_max(self.param_groups[-1])
+                try:
+                    weight_decay.record_lr_max(self.param_groups[-1])
+                except (TypeError, ValueError):
+                    self.param_groups.pop()  # refused: the optimizer stays as it was
+                    raise
 
     # -- stepping -----------------------------------------------------------------
     def step(self, closure=None):
@@ -431,7 +434,7 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"backend='kernel', but {reason}; use backend='auto' or 'reference'")
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"{reason}: stepping with the reference implementation", stacklevel=7)
+            _backend.warn_at_caller(f"{reason}: stepping with the reference implementation")
         return False
 
     # -- checkpoints ----------------------------------------------------------------
@@ -464,15 +467,19 @@ class FusedOptimizer(Optimizer):
                         self._normalize_loaded_state(param, state, group, saved_state.get(saved_id))
 
     # fusedopt's group keys; torch.optim's groups lack them
-    _own_group_keys = ("decouple_lr", "lr_max", "state_dtype")
+    _own_group_keys = ("decouple_lr", "lr_max", "state_dtype", "master_weights")
 
     def _with_own_group_keys(self, state_dict):
         """A torch.optim checkpoint has no fusedopt-only group keys: each loaded group
-        keeps the current group's (decouple_lr stays as constructed)."""
+        keeps the current group's (decouple_lr stays as constructed). Its weight_decay,
+        in torch.optim's units, then becomes the lambda that decays the same at every lr."""
         groups = []
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             missing = {key: group[key] for key in self._own_group_keys
                        if key in group and key not in saved}
+            if missing.get("decouple_lr", False) and "weight_decay" in saved:
+                missing["weight_decay"] = weight_decay.torch_weight_decay_as_lambda(
+                    saved["weight_decay"], group["lr_max"])
             groups.append({**saved, **missing} if missing else saved)
         return {**state_dict, "param_groups": groups}
 

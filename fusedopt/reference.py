@@ -191,8 +191,9 @@ def sgdw_step_(
     With `momentum != 0`, `momentum_buffer` is updated; on the `first_step` it is
     set to the gradient, as torch.optim.SGD does. The weight decay is decoupled:
     p <- p * (1 - lr * weight_decay), never added to the gradient; with `lr_max`
-    (decouple_lr), p <- p * (1 - (lr / lr_max) * weight_decay). With `master`
-    (master weights) the step updates the param's fp32 master.
+    (decouple_lr), p <- p * (1 - (lr / lr_max) * weight_decay). Only the decay is
+    Algorithm 1's: the momentum is torch.optim.SGD's, with the lr outside the buffer.
+    With `master` (master weights) the step updates the param's fp32 master.
     """
     p = _master_value(param, master)
     g = _math_view(grad)

@@ -4,7 +4,6 @@ Regularization", arXiv 1711.05101): decay that follows the schedule multiplier
 """
 import math
 import numbers
-import warnings
 
 import torch
 
@@ -38,11 +37,14 @@ class RestartNormalizedWeightDecay:
 
     With `T_mult > 1` each period is longer than the last, and the paper normalizes
     the decay by each period's length. Before every optimizer step (a step pre-hook)
-    this sets each decayed group's `weight_decay` to
+    this sets each decayed group's decay to the paper's lambda,
     `normalized_weight_decay(lambda_norm, batch_size, dataset_size, T_i / steps_per_epoch)`,
     where `T_i` is the scheduler's current period in its own steps: pass
     `steps_per_epoch` = batches per epoch when the scheduler steps once per batch,
-    1 when it steps once per epoch or with fractional epochs.
+    1 when it steps once per epoch or with fractional epochs. A group with
+    decouple_lr takes lambda as its weight_decay; any other group (torch.optim's form,
+    whose decay is lr * weight_decay) takes lambda / initial_lr, the schedule's peak,
+    so that its decay is the paper's eta_t * lambda too.
 
     `lambda_norm` is one number, applied to every group whose weight_decay is not 0
     when this is made (groups without decay, such as biases and norms, keep none),
@@ -57,8 +59,11 @@ class RestartNormalizedWeightDecay:
         groups = optimizer.param_groups
         if isinstance(lambda_norm, numbers.Real):
             lambda_norms = [lambda_norm if group["weight_decay"] != 0 else 0.0 for group in groups]
-        else:
+        elif isinstance(lambda_norm, (list, tuple)):
             lambda_norms = list(lambda_norm)
+        else:
+            raise TypeError(f"lambda_norm is a number or a list of one number per param group, "
+                            f"got {type(lambda_norm).__name__}")
             if len(lambda_norms) != len(groups):
                 raise ValueError(f"{len(lambda_norms)} lambda_norm values for {len(groups)} param groups")
         if not (isinstance(steps_per_epoch, numbers.Real) and 0 < steps_per_epoch < math.inf):
@@ -78,10 +83,16 @@ class RestartNormalizedWeightDecay:
         return self.scheduler.T_i / self.steps_per_epoch
 
     def _apply(self, optimizer):
+        if len(optimizer.param_groups) != len(self.lambda_norms):
+            raise ValueError(
+                f"the optimizer has {len(optimizer.param_groups)} param groups, "
+                f"RestartNormalizedWeightDecay was made for {len(self.lambda_norms)}: make it again")
         epochs = self.period_epochs()
         for group, lambda_norm in zip(optimizer.param_groups, self.lambda_norms):
-            group["weight_decay"] = normalized_weight_decay(
-                lambda_norm, self.batch_size, self.dataset_size, epochs)
+            decay = normalized_weight_decay(lambda_norm, self.batch_size, self.dataset_size, epochs)
+            if not group.get("decouple_lr", False):
+                decay /= float(group["initial_lr"])
+            group["weight_decay"] = decay
 
     def _before_step(self, optimizer, args, kwargs):
         self._apply(optimizer)
@@ -97,12 +108,28 @@ NEEDS_DECOUPLED_DECAY = ("decouple_lr=True needs decoupled weight decay: use Ada
 LR_MAX_SLACK = 1e-6
 
 
+def check_lr_max(lr_max):
+    """Raises unless `lr_max` is a finite number > 0: a float or a one-element tensor."""
+    if isinstance(lr_max, bool) or not isinstance(lr_max, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"lr_max must be a real number or a one-element tensor, got "
+                        f"{type(lr_max).__name__} {lr_max!r}")
+    if isinstance(lr_max, torch.Tensor):
+        if lr_max.numel() != 1:
+            raise ValueError(f"tensor lr_max must have one element, got shape {tuple(lr_max.shape)}")
+        lr_max = lr_max.item()
+    if not 0.0 < lr_max < math.inf:
+        raise ValueError(f"Invalid lr_max value: {lr_max}; decouple_lr divides the lr by it, so "
+                         "it is a finite number > 0")
+
+
 def check_decouple_lr(decouple_lr, lr_max, decoupled):
     """Raises, at construction, unless the decouple_lr arguments make sense."""
     if decouple_lr and not decoupled:
         raise ValueError(NEEDS_DECOUPLED_DECAY)
+    if lr_max is not None and not decouple_lr:
+        raise ValueError("lr_max is used with decouple_lr=True only")
     if lr_max is not None:
-        _backend.check_lr(lr_max)
+        check_lr_max(lr_max)
 
 
 def record_lr_max(group):
@@ -110,7 +137,17 @@ def record_lr_max(group):
     (when the group is added, or when its decouple_lr is first set by hand)."""
     if group.get("lr_max") is None:
         lr = group["lr"]
+        if lr == 0:
+            raise ValueError("decouple_lr=True with lr=0 needs lr_max: the decay is normalized "
+                             "by the lr the param group is made with")
         group["lr_max"] = lr.item() if isinstance(lr, torch.Tensor) else float(lr)
+    check_lr_max(group["lr_max"])
+
+
+def torch_weight_decay_as_lambda(weight_decay, lr_max):
+    """The decouple_lr weight_decay that decays as torch.optim's `weight_decay` does:
+    lr * weight_decay = (lr / lr_max) * (weight_decay * lr_max), at every lr."""
+    return weight_decay * lr_max
 
 
 def decoupled_lr_max(group, lr, device, decoupled, warned):
@@ -126,12 +163,10 @@ def decoupled_lr_max(group, lr, device, decoupled, warned):
         raise ValueError(NEEDS_DECOUPLED_DECAY)
     record_lr_max(group)
     lr_max = _backend.scalar(group["lr_max"], "lr_max", device)
-    if not 0.0 < lr_max < math.inf:
-        raise ValueError(f"Invalid lr_max value: {lr_max}; decouple_lr divides the lr by it")
     if lr > lr_max * (1 + LR_MAX_SLACK) and id(group) not in warned:
         warned.add(id(group))
-        warnings.warn(
+        _backend.warn_at_caller(
             f"decouple_lr: the lr {lr!r} exceeds lr_max={lr_max!r} (by default the lr the param "
             "group was made with), so the decay exceeds weight_decay; pass lr_max= (or set the "
-            "group's 'lr_max') to the schedule's peak lr", stacklevel=6)
+            "group's 'lr_max') to the schedule's peak lr")
     return lr_max

@@ -182,30 +182,60 @@ def test_decouple_lr_set_by_hand_records_the_lr_of_its_first_step():
     torch.testing.assert_close(param.detach(), before * (1 - 0.1) - 0.5 * param.grad, rtol=0, atol=2e-7)
 
 
-def test_torch_checkpoint_keeps_decouple_lr_and_fusedopt_checkpoint_loads_into_torch():
-    torch.manual_seed(45)
-    params = [torch.nn.Parameter(torch.randn(5, 4)) for _ in range(2)]
-    theirs = torch.optim.AdamW(params, lr=1e-2)
-    for param in params:
-        param.grad = torch.randn_like(param)
-    theirs.step()
-    ours = fusedopt.AdamW(params, lr=1e-2, decouple_lr=True, lr_max=0.1)
-    ours.load_state_dict(theirs.state_dict())
-    assert ours.param_groups[0]["decouple_lr"] is True and ours.param_groups[0]["lr_max"] == 0.1
-    ours.step()
-    back = torch.optim.AdamW(params, lr=1e-2)
+def test_torch_checkpoint_keeps_decouple_lr_and_decays_as_it_did():
+    """A torch.optim checkpoint's weight_decay decays by lr * weight_decay: loaded
+    under decouple_lr it becomes the lambda that decays the same at every lr,
+    weight_decay * lr_max. Powers of two keep every factor exact: bit for bit."""
+    lr, lr_max, torch_decay = 2**-10, 2**-3, 2**-6
+    initial = make_params([(5, 4), (7,)], torch.float32, seed=45)
+    grads = make_grads([(5, 4), (7,)], torch.float32, 4, seed=45)
+
+    def resumed(**kwargs):
+        params = [torch.nn.Parameter(p.clone()) for p in initial]
+        theirs = torch.optim.AdamW(params, lr=lr, weight_decay=torch_decay)
+        for param, grad in zip(params, grads[0]):
+            param.grad = grad.clone()
+        theirs.step()
+        ours = fusedopt.AdamW(params, lr=lr, weight_decay=0.5, **kwargs)
+        ours.load_state_dict(theirs.state_dict())
+        for step_grads in grads[1:]:
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.clone()
+            ours.step()
+        return [p.detach() for p in params], ours
+
+    paper, ours = resumed(decouple_lr=True, lr_max=lr_max)
+    group = ours.param_groups[0]
+    assert (group["decouple_lr"], group["lr_max"], group["weight_decay"]) == (True, lr_max, torch_decay * lr_max)
+    coupled, _ = resumed()
+    assert_bitwise_equal(paper, coupled)
+    back = torch.optim.AdamW(ours.param_groups[0]["params"], lr=lr)
     back.load_state_dict(ours.state_dict())  # torch keeps the extra group keys and ignores them
-    assert back.state[params[0]]["step"].item() == 2
+    assert back.state[ours.param_groups[0]["params"][0]]["step"].item() == 4
 
 
 @pytest.mark.parametrize("make,error,match", [
     (lambda p: fusedopt.Adam(p, decouple_lr=True), ValueError, "decouple_lr=True needs decoupled"),
-    (lambda p: fusedopt.AdamW(p, decouple_lr=True, lr_max=-1.0), ValueError, "Invalid learning rate"),
-    (lambda p: fusedopt.SGDW(p, decouple_lr=True, lr_max=math.inf), ValueError, "Invalid learning rate"),
+    (lambda p: fusedopt.AdamW(p, decouple_lr=True, lr_max=-1.0), ValueError, "Invalid lr_max value: -1.0"),
+    (lambda p: fusedopt.AdamW(p, decouple_lr=True, lr_max=0.0), ValueError, "Invalid lr_max value: 0.0"),
+    (lambda p: fusedopt.SGDW(p, decouple_lr=True, lr_max=math.inf), ValueError, "Invalid lr_max value: inf"),
+    (lambda p: fusedopt.SGDW(p, decouple_lr=True, lr_max=math.nan), ValueError, "Invalid lr_max value: nan"),
+    (lambda p: fusedopt.AdamW(p, decouple_lr=True, lr_max="0.1"), TypeError, "lr_max must be a real number"),
+    (lambda p: fusedopt.AdamW(p, decouple_lr=True, lr_max=True), TypeError, "lr_max must be a real number"),
+    (lambda p: fusedopt.AdamW(p, decouple_lr=True, lr_max=torch.ones(2)), ValueError, "one element"),
+    (lambda p: fusedopt.AdamW(p, lr_max=0.1), ValueError, "lr_max is used with decouple_lr=True only"),
+    (lambda p: fusedopt.SGDW(p, lr=0.0, decouple_lr=True), ValueError, "lr=0 needs lr_max"),
 ])
 def test_bad_decouple_lr_arguments_are_refused_at_construction(make, error, match):
     with pytest.raises(error, match=match):
         make([torch.nn.Parameter(torch.randn(3))])
+
+
+def test_a_param_group_with_a_bad_lr_max_is_not_added():
+    optimizer = fusedopt.AdamW([torch.nn.Parameter(torch.randn(3))], decouple_lr=True)
+    with pytest.raises(ValueError, match="Invalid lr_max value: -0.5"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr_max": -0.5})
+    assert len(optimizer.param_groups) == 1
 
 
 @pytest.mark.parametrize("lr_max,match", [(0.0, "Invalid lr_max value"), (math.nan, "Invalid lr_max value"),
@@ -251,7 +281,8 @@ def test_an_lr_above_lr_max_is_named_once():
     reach 100 times weight_decay. Made with its peak (or given lr_max) it is silent."""
     with pytest.warns(UserWarning, match=r"lr 0\.\d+ exceeds lr_max=0\.001") as record:
         one_cycle_run(lr=1e-3)
-    assert sum("decouple_lr" in str(w.message) for w in record) == 1
+    named = [w for w in record if "decouple_lr" in str(w.message)]
+    assert len(named) == 1 and named[0].filename == __file__  # points at the step() call
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         one_cycle_run(lr=0.1)
@@ -262,7 +293,7 @@ def test_an_lr_above_lr_max_is_named_once():
 def test_normalized_weight_decay_is_the_papers_formula():
     # lambda = lambda_norm * sqrt(b / (B * T)): b = 128, B = 50,000, T = 100 gives 0.05 * 0.005060
     assert fusedopt.normalized_weight_decay(0.05, 128, 50_000, 100) == pytest.approx(
-        0.05 * math.sqrt(128 / 5_000_000), rel=1e-15)
+        2.5298221281347035e-4, rel=1e-15)
     # Four times the epochs: half the decay; four times the batch: twice the decay.
     base = fusedopt.normalized_weight_decay(0.1, 64, 10_000, 10)
     assert fusedopt.normalized_weight_decay(0.1, 64, 10_000, 40) == pytest.approx(base / 2, rel=1e-15)
@@ -314,7 +345,8 @@ def test_restart_normalized_weight_decay_follows_growing_periods():
 
 def test_restart_normalized_weight_decay_per_group_values_and_bad_input():
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
-    optimizer = fusedopt.SGDW([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, weight_decay=0.1)
+    optimizer = fusedopt.SGDW([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, weight_decay=0.1,
+                              decouple_lr=True)
     scheduler = warm_restarts(optimizer)
     fusedopt.RestartNormalizedWeightDecay(scheduler, [0.1, 0.2], batch_size=10, dataset_size=100)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [
@@ -327,3 +359,27 @@ def test_restart_normalized_weight_decay_per_group_values_and_bad_input():
     with pytest.raises(TypeError, match="CosineAnnealingWarmRestarts"):
         fusedopt.RestartNormalizedWeightDecay(torch.optim.lr_scheduler.StepLR(optimizer, 2), 0.1,
                                               batch_size=10, dataset_size=100)
+    with pytest.raises(TypeError, match="lambda_norm is a number or a list"):
+        fusedopt.RestartNormalizedWeightDecay(scheduler, torch.tensor(0.1), batch_size=10, dataset_size=100)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    params[0].grad = torch.randn(3)
+    with pytest.raises(ValueError, match="3 param groups, RestartNormalizedWeightDecay was made for 2"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.AdamW(params, lr=0.1, weight_decay=1.0),
+    lambda params: fusedopt.SGDW(params, lr=0.1, weight_decay=1.0),
+], ids=["torch.optim.AdamW", "fusedopt.SGDW"])
+def test_restart_normalized_weight_decay_gives_groups_without_decouple_lr_the_papers_decay(make):
+    """torch.optim's form decays by lr * weight_decay: the hook sets weight_decay to
+    lambda / initial_lr, so the decay at each period's start (lr = initial_lr) is lambda."""
+    param = torch.nn.Parameter(torch.randn(6))
+    optimizer = make([param])
+    scheduler = warm_restarts(optimizer)
+    fusedopt.RestartNormalizedWeightDecay(scheduler, 0.05, batch_size=8, dataset_size=64)
+    lambda_first_period = fusedopt.normalized_weight_decay(0.05, 8, 64, 3)
+    param.grad = torch.randn(6)
+    optimizer.step()
+    group = optimizer.param_groups[0]
+    assert group["lr"] * group["weight_decay"] == pytest.approx(lambda_first_period, rel=1e-12)
