@@ -132,6 +132,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("eps", &AdamStepArgs::eps)
       .def_readwrite("weight_decay", &AdamStepArgs::weight_decay)
       .def_readwrite("lr_max", &AdamStepArgs::lr_max)
+      .def_readwrite("grad_scale", &AdamStepArgs::grad_scale)
       .def_readwrite("decay", &AdamStepArgs::decay)
       .def_readwrite("amsgrad", &AdamStepArgs::amsgrad)
       .def_readwrite("maximize", &AdamStepArgs::maximize);
@@ -151,6 +152,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("dampening", &SgdwStepArgs::dampening)
       .def_readwrite("weight_decay", &SgdwStepArgs::weight_decay)
       .def_readwrite("lr_max", &SgdwStepArgs::lr_max)
+      .def_readwrite("grad_scale", &SgdwStepArgs::grad_scale)
       .def_readwrite("momentum_mode", &SgdwStepArgs::momentum_mode)
       .def_readwrite("nesterov", &SgdwStepArgs::nesterov)
       .def_readwrite("maximize", &SgdwStepArgs::maximize);

@@ -19,6 +19,7 @@ AdamScalars adam_scalars(const AdamStepArgs& args, double step) {
   const double bias_correction1 = 1.0 - std::pow(args.beta1, step);
   const double bias_correction2 = 1.0 - std::pow(args.beta2, step);
   AdamScalars s;
+  s.inv_grad_scale = static_cast<float>(1.0 / args.grad_scale);
   s.one_minus_beta1 = static_cast<float>(1.0 - args.beta1);
   s.beta2 = static_cast<float>(args.beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - args.beta2);
@@ -32,6 +33,7 @@ AdamScalars adam_scalars(const AdamStepArgs& args, double step) {
 
 SgdScalars sgdw_scalars(const SgdwStepArgs& args) {
   SgdScalars s;
+  s.inv_grad_scale = static_cast<float>(1.0 / args.grad_scale);
   s.lr = static_cast<float>(args.lr);
   s.momentum = static_cast<float>(args.momentum);
   s.one_minus_dampening = static_cast<float>(1.0 - args.dampening);

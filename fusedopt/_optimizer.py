@@ -8,6 +8,7 @@ the side; then one compiled call checks every kernel call's tensors once more an
 launches them all (NOTE: [launch check] in csrc/launch_check.cpp). Only after the
 launches does new state enter `optimizer.state`, a param's entries at once.
 """
+import math
 import operator
 import threading
 from collections import OrderedDict
@@ -149,17 +150,41 @@ class FusedOptimizer(Optimizer):
                     raise
 
     # -- stepping -----------------------------------------------------------------
-    def step(self, closure=None):
-        """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
+    # GradScaler hands the scale and the inf check to step() (the `grad_scale` and
+    # `found_inf` attributes it sets around the call) instead of unscaling the grads in
+    # a pass of its own, where a subclass's kernels unscale them (Adam, SGDW).
+    _step_supports_amp_scaling = False
+
+    def step(self, closure=None, *, grad_scale=None, found_inf=None):
+        """Performs one optimization step; `closure` re-evaluates the model and returns the loss.
+
+        `grad_scale` and `found_inf` (tensors, as GradScaler passes them): the grads are
+        divided by `grad_scale` inside the step, and when `found_inf` is not zero the
+        step changes nothing at all (params, state, step counts, grads).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = grad_scale if grad_scale is not None else getattr(self, "grad_scale", None)
+        found_inf = found_inf if found_inf is not None else getattr(self, "found_inf", None)
+        if (grad_scale is not None or found_inf is not None) and not self._step_supports_amp_scaling:
+            raise TypeError(f"{type(self).__name__}.step() takes no grad_scale or found_inf: "
+                            "GradScaler unscales its grads before the step")
         with self._lock, torch.no_grad():
-            self._step()
+            scale = amp_scale(grad_scale, found_inf)
+            if scale is not None:
+                self._step(scale)
         return loss
 
-    def _step(self):
+    def _step_hyperparameters(self, group, device, grad_scale):
+        """The group's hyperparameters for this step, GradScaler's scale among them."""
+        hyper = self._hyperparameters(group, device)
+        if self._step_supports_amp_scaling:
+            hyper["grad_scale"] = grad_scale
+        return hyper
+
+    def _step(self, grad_scale=1.0):
         keys, values = self._state_snapshot
         if self._steady_plans and not (
             len(self.state) == len(keys)
@@ -169,7 +194,7 @@ class FusedOptimizer(Optimizer):
             self._steady_plans.clear()  # an entry of self.state was added, replaced or removed
         for _ in range(PLANNING_ATTEMPTS):
             try:
-                items, owners, batches = self._plan()
+                items, owners, batches = self._plan(grad_scale)
             except _ChangedWhilePlanning as changed:
                 group, failure = changed.args
                 continue
@@ -214,7 +239,7 @@ class FusedOptimizer(Optimizer):
         _backend.mark_written([tensor for batch in batches if batch.use_kernel
                                for tensor in self._written_tensors(batch)])
 
-    def _plan(self):
+    def _plan(self, grad_scale):
         """Every group's kernel calls, checked and ready (steady plans, or calls built
         from the full planning), and the batches of the fully planned groups. Writes
         nothing: new state lives in the batches' working states."""
@@ -226,7 +251,7 @@ class FusedOptimizer(Optimizer):
             plan = self._steady_plans.get(id(group))
             if plan is not None and plan.usable(self, group):
                 _backend.check_cuda_step_allowed(plan.device)
-                plan.set_hyperparameters(self, self._hyperparameters(group, plan.device))
+                plan.set_hyperparameters(self, self._step_hyperparameters(group, plan.device, grad_scale))
                 item = plan.item(group)
                 if item is not None:
                     items.append(item)
@@ -237,7 +262,7 @@ class FusedOptimizer(Optimizer):
         if not planned:
             return items, owners, batches
         for group_index, group in planned:
-            batches += self._plan_group(group_index, group)
+            batches += self._plan_group(group_index, group, grad_scale)
         self._check_distinct_memory(batches, [plan for _, plan in owners])
         for batch in batches:
             self._init_states(batch)
@@ -266,7 +291,7 @@ class FusedOptimizer(Optimizer):
         written = batch.params + states
         return written + [_backend.local(tensor) for tensor in written if _backend.is_dtensor(tensor)]
 
-    def _plan_group(self, group_index, group):
+    def _plan_group(self, group_index, group, grad_scale):
         """Validates one group and splits its params with grads into batches; writes nothing."""
         batches = {}
         device = next((param.device for param in group["params"] if param.grad is not None), None)
@@ -274,7 +299,7 @@ class FusedOptimizer(Optimizer):
             return []
         _backend.check_cuda_step_allowed(device)
         # User code (a hyperparameter's `__float__`) runs here, before any tensor is read.
-        hyper = self._hyperparameters(group, device)
+        hyper = self._step_hyperparameters(group, device, grad_scale)
         state_keys = self._state_keys(group)
         for param_index, param in enumerate(group["params"]):
             grad = param.grad
@@ -567,6 +592,28 @@ def check_state_dtype(state_dtype):
     if state_dtype not in (None, torch.float32):
         raise ValueError(f"Invalid state_dtype: {state_dtype!r}; None (the params' dtype) or "
                          "torch.float32 (for bfloat16 and float16 params)")
+
+
+def amp_scale(grad_scale, found_inf):
+    """The scale to divide the grads by (1.0 without one), or None to skip the step
+    because `found_inf` says a grad is not finite. Both are read on the host: on CUDA
+    that is one synchronization per step (the step counters live on the host)."""
+    values = []
+    for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if tensor is None:
+            values.append(None)
+        elif not isinstance(tensor, torch.Tensor) or tensor.numel() != 1:
+            raise ValueError(f"{name} is a one-element tensor (as GradScaler passes it), got {tensor!r}")
+        else:
+            values.append(tensor.item())
+    scale, inf = values
+    if inf is not None and inf != 0:
+        return None
+    if scale is None:
+        return 1.0
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"Invalid grad_scale value: {scale}; a finite number > 0")
+    return float(scale)
 
 
 def check_master_weights(master_weights):

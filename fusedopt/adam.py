@@ -186,10 +186,13 @@ class Adam(FusedOptimizer):
         self._set_kernel_hyperparameters(args, batch.hyper)
         return [(args, range(len(batch.params)))]
 
+    _step_supports_amp_scaling = True
+
     def _set_kernel_hyperparameters(self, args, hyper):
         WeightDecay = _backend._C.WeightDecay
         args.lr = hyper["lr"]
         args.lr_max = hyper["lr_max"] or 0.0  # 0: torch.optim's decay, lr * weight_decay
+        args.grad_scale = hyper["grad_scale"]
         args.beta1 = hyper["beta1"]
         args.beta2 = hyper["beta2"]
         args.eps = hyper["eps"]

@@ -59,6 +59,17 @@ def _lerp(start, end, weight):
     return end - (end - start) * (1 - weight)
 
 
+def _unscaled(grad, grad_scale):
+    """grad * (1 / grad_scale), the reciprocal rounded to the math dtype once, as
+    GradScaler.unscale_ and the kernels compute it."""
+    if grad_scale == 1.0:
+        return grad
+    inverse = 1.0 / grad_scale
+    if grad.dtype != torch.float64:
+        inverse = float(torch.tensor(inverse, dtype=torch.float32))
+    return grad * inverse
+
+
 def _decay_factor(lr, lr_max, weight_decay):
     """The decoupled decay's multiplier of the weights, in double as the kernels derive it."""
     decay_lr = lr / lr_max if lr_max is not None else lr
@@ -132,20 +143,22 @@ def adam_step_(
     maximize,
     lr_max=None,
     master=None,
+    grad_scale=1.0,
 ):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step, in place.
 
     `step` is the step count t after this step's increment (1 on the first step).
     `max_exp_avg_sq` is used only when `amsgrad`. With `lr_max` (decouple_lr) the
     decoupled decay is (lr / lr_max) * weight_decay. With `master` (master weights)
-    the step updates the param's fp32 master and writes both.
+    the step updates the param's fp32 master and writes both. The grad is unscaled
+    by GradScaler's `grad_scale` first.
     """
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     step_size = lr / bias_correction1
 
     p = _master_value(param, master)
-    g = _math_view(grad)
+    g = _unscaled(_math_view(grad), grad_scale)
     m = _math_view(exp_avg)
     v = _math_view(exp_avg_sq)
 
@@ -185,6 +198,7 @@ def sgdw_step_(
     first_step,
     lr_max=None,
     master=None,
+    grad_scale=1.0,
 ):
     """One SGDW step, in place.
 
@@ -193,10 +207,11 @@ def sgdw_step_(
     p <- p * (1 - lr * weight_decay), never added to the gradient; with `lr_max`
     (decouple_lr), p <- p * (1 - (lr / lr_max) * weight_decay). Only the decay is
     Algorithm 1's: the momentum is torch.optim.SGD's, with the lr outside the buffer.
-    With `master` (master weights) the step updates the param's fp32 master.
+    With `master` (master weights) the step updates the param's fp32 master. The grad
+    is unscaled by GradScaler's `grad_scale` first.
     """
     p = _master_value(param, master)
-    g = _math_view(grad)
+    g = _unscaled(_math_view(grad), grad_scale)
 
     if maximize:
         g = -g

@@ -141,9 +141,12 @@ class SGDW(FusedOptimizer):
         self._set_kernel_hyperparameters(args, batch.hyper)
         return args
 
+    _step_supports_amp_scaling = True
+
     def _set_kernel_hyperparameters(self, args, hyper):
         args.lr = hyper["lr"]
         args.lr_max = hyper["lr_max"] or 0.0  # 0: torch.optim's decay, lr * weight_decay
+        args.grad_scale = hyper["grad_scale"]
         args.momentum = hyper["momentum"]
         args.dampening = hyper["dampening"]
         args.weight_decay = hyper["weight_decay"]

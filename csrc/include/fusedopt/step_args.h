@@ -28,6 +28,7 @@ struct AdamStepArgs {
   ScalarType state_dtype = ScalarType::kFloat32;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
+  double grad_scale = 1;  // GradScaler's scale: the grads are unscaled in the pass
   WeightDecay decay = WeightDecay::kNone;
   MasterWeights master = MasterWeights::kNone;
   bool amsgrad = false;
@@ -45,6 +46,7 @@ struct SgdwStepArgs {
   ScalarType state_dtype = ScalarType::kFloat32;
   double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
   double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
+  double grad_scale = 1;  // as in AdamStepArgs
   Momentum momentum_mode = Momentum::kNone;  // kFirstStep fills freshly allocated buffers
   MasterWeights master = MasterWeights::kNone;
   bool nesterov = false;

@@ -26,6 +26,7 @@ enum class WeightDecay : int {
 // Scalars of one Adam step for one tensor; derived on the host in double from the
 // hyperparameters and the tensor's step count, then rounded to fp32 once.
 struct AdamScalars {
+  float inv_grad_scale;  // GradScaler's 1 / scale, rounded to fp32 once; 1 without one
   float one_minus_beta1;
   float beta2;
   float one_minus_beta2;
@@ -53,6 +54,7 @@ FUSEDOPT_HOST_DEVICE float lerp(float start, float end, float weight) {
 template <WeightDecay kDecay, bool kAmsgrad, bool kMaximize>
 FUSEDOPT_HOST_DEVICE void adam_update(float& param, float grad, float& exp_avg, float& exp_avg_sq,
                                       float& max_exp_avg_sq, const AdamScalars& s) {
+  grad = grad * s.inv_grad_scale;  // exact for 1 and for GradScaler's powers of two
   if (kMaximize) grad = -grad;
   if (kDecay == WeightDecay::kL2) grad = grad + s.weight_decay * param;
   if (kDecay == WeightDecay::kDecoupled) param = param * s.decay_factor;
@@ -68,6 +70,7 @@ FUSEDOPT_HOST_DEVICE void adam_update(float& param, float grad, float& exp_avg, 
 }
 
 struct SgdScalars {
+  float inv_grad_scale;  // as in AdamScalars
   float lr;
   float momentum;
   float one_minus_dampening;
@@ -84,6 +87,7 @@ enum class Momentum : int {
 template <bool kDecoupledDecay, Momentum kMomentum, bool kNesterov, bool kMaximize>
 FUSEDOPT_HOST_DEVICE void sgdw_update(float& param, float grad, float& momentum_buffer,
                                       const SgdScalars& s) {
+  grad = grad * s.inv_grad_scale;
   if (kMaximize) grad = -grad;
   if (kDecoupledDecay) param = param * s.decay_factor;
   float direction = grad;

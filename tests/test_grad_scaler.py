@@ -1,0 +1,164 @@
+"""GradScaler inside the step: Adam, AdamW and SGDW declare `_step_supports_amp_scaling`,
+so `torch.amp.GradScaler` hands them its scale and inf check instead of unscaling the
+grads in a pass of its own; the kernels unscale each grad as they read it.
+
+Tolerance rules:
+* kernels (CPU, emulated CUDA) vs reference: bit for bit (test_parity.py's rule); the
+  reciprocal of the scale is rounded to fp32 once by both, as GradScaler.unscale_ does;
+* against torch.optim's fused step under the same scaler: the fp32 trajectory bound of
+  test_parity.py, STEPS * 4 * eps * (max|p| + max|update|), update <= 4 * lr for Adam
+  and lr * max|momentum buffer| for SGD; the scaler's decisions (skip, backoff,
+  growth) must be identical, and a skipped step changes nothing at all.
+"""
+import pytest
+import torch
+
+import fusedopt
+from conftest import EPS, SHAPES, make_grads, make_params
+from emulated_cuda import emulated_cuda  # noqa: F401  (a fixture)
+from test_parity import assert_bitwise_equal, assert_states_bitwise_equal
+
+STEPS = 10
+INF_STEPS = (3, 7)  # steps whose loss is made infinite: GradScaler skips them
+
+
+def make_model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def train_under_scalers(make_ours, make_theirs, seed=71):
+    """fp16 autocast on the CPU, each optimizer under its own GradScaler that grows
+    every 2 steps; two steps overflow. Our model computes the loss; the torch model
+    gets a copy of its scaled grads, so both optimizers see the same grads (the model
+    would otherwise feed their rounding differences back through fp16). Returns both
+    models, our optimizer, both scale histories and our params around every step."""
+    models = make_model(seed), make_model(seed)
+    optimizers = make_ours(models[0].parameters()), make_theirs(models[1].parameters())
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in range(2)]
+    generator = torch.Generator().manual_seed(seed)
+    scales, snapshots = ([], []), []
+    for step in range(STEPS):
+        data = torch.randn(8, 16, generator=generator)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = models[0](data).float().square().mean()
+        if step in INF_STEPS:
+            loss = loss * float("inf")
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        scalers[0].scale(loss).backward()
+        scalers[1].scale(loss.detach())  # its scale equals ours: the copied grads are its own
+        for ours, theirs in zip(*(model.parameters() for model in models)):
+            theirs.grad = ours.grad.clone()
+        before = [p.detach().clone() for p in models[0].parameters()]
+        for scaler, optimizer, history in zip(scalers, optimizers, scales):
+            scaler.step(optimizer)
+            scaler.update()
+            history.append(scaler.get_scale())
+        snapshots.append((before, [p.detach().clone() for p in models[0].parameters()]))
+    return models, optimizers[0], scales, snapshots
+
+
+@pytest.mark.parametrize("ours,theirs,update_bound", [
+    (lambda p: fusedopt.AdamW(p, lr=1e-2, weight_decay=0.1),
+     lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True), 4e-2),
+    (lambda p: fusedopt.Adam(p, lr=1e-2, amsgrad=True),
+     lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, fused=True), 4e-2),
+    (lambda p: fusedopt.SGDW(p, lr=1e-2, momentum=0.9, nesterov=True),
+     lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True, fused=True), None),
+], ids=["AdamW", "Adam-amsgrad", "SGDW-nesterov"])
+def test_grad_scaler_drives_the_fused_step_like_torch_fused(ours, theirs, update_bound):
+    (model, torch_model), optimizer, (scales, torch_scales), snapshots = train_under_scalers(ours, theirs)
+    assert scales == torch_scales
+    assert scales[INF_STEPS[0]] == scales[INF_STEPS[0] - 1] / 2  # backoff on overflow
+    assert max(scales) > scales[0]  # and growth
+    for step in INF_STEPS:
+        assert_bitwise_equal(snapshots[step][1], snapshots[step][0])  # a skipped step changes nothing
+    if update_bound is None:  # SGD: |update| <= lr * |buffer|, the buffer a sum of unscaled grads
+        update_bound = 1e-2 * STEPS * max(p.grad.abs().max().item() / scales[-1] for p in model.parameters())
+    params = [p.detach() for p in model.parameters()]
+    atol = STEPS * 4 * EPS[torch.float32] * (max(p.abs().max().item() for p in params) + update_bound)
+    for ours_param, theirs_param in zip(params, torch_model.parameters()):
+        torch.testing.assert_close(ours_param, theirs_param.detach(), rtol=0, atol=atol)
+    assert all(state["step"].item() == STEPS - len(INF_STEPS) for state in optimizer.state.values()
+               if "step" in state)
+
+
+MAKERS = {
+    "AdamW-master": lambda **kw: lambda p: fusedopt.AdamW(p, lr=1e-2, master_weights=True, **kw),
+    "Adam-l2": lambda **kw: lambda p: fusedopt.Adam(p, lr=1e-2, weight_decay=0.1, **kw),
+    "SGDW-momentum": lambda **kw: lambda p: fusedopt.SGDW(p, lr=1e-2, momentum=0.9, weight_decay=0.1, **kw),
+}
+
+
+def scaled_steps(make_optimizer, dtype, scale, steps=4):
+    initial = make_params(SHAPES, dtype, seed=72)
+    grads = make_grads(SHAPES, dtype, steps, seed=72, scale=0.5 * scale)
+    params = [torch.nn.Parameter(p.clone()) for p in initial]
+    optimizer = make_optimizer(params)
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads):
+            param.grad = grad.clone()
+        optimizer.step(grad_scale=torch.tensor(scale), found_inf=torch.tensor(0.0))
+    return [p.detach() for p in params], optimizer, grads
+
+
+CASES = [(name, dtype) for name in MAKERS for dtype in (torch.float32, torch.bfloat16)
+         if not (name == "AdamW-master" and dtype == torch.float32)]  # masters: low precision only
+
+
+@pytest.mark.parametrize("scale", [2.0**12, 3.0], ids=["power-of-two", "three"])
+@pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{d}" for n, d in CASES])
+def test_scaled_steps_kernel_matches_reference_bitwise(name, dtype, scale):
+    kernel, kernel_opt, grads = scaled_steps(MAKERS[name](backend="kernel"), dtype, scale)
+    spec, spec_opt, _ = scaled_steps(MAKERS[name](backend="reference"), dtype, scale)
+    assert_bitwise_equal(kernel, spec)
+    assert_states_bitwise_equal(kernel_opt, spec_opt)
+    # The grads stay as they were, scaled (torch's fused step unscales them in place).
+    assert_bitwise_equal([p.grad for p in kernel_opt.param_groups[0]["params"]], grads[-1])
+
+
+def test_scaled_steps_emulated_cuda_matches_cpu_kernel(emulated_cuda, monkeypatch):  # noqa: F811
+    make = MAKERS["SGDW-momentum"](backend="kernel")
+    cuda, cuda_opt, _ = scaled_steps(make, torch.bfloat16, 3.0, steps=2)
+    assert emulated_cuda.calls == 2
+    monkeypatch.undo()
+    cpu, cpu_opt, _ = scaled_steps(make, torch.bfloat16, 3.0, steps=2)
+    assert_bitwise_equal(cuda, cpu)
+    assert_states_bitwise_equal(cuda_opt, cpu_opt)
+
+
+def test_unscale_before_the_step_for_clipping_matches_torch():
+    """scaler.unscale_(optimizer) for gradient clipping: GradScaler then passes no scale."""
+    results = []
+    for make in (lambda p: fusedopt.AdamW(p, lr=1e-2), lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True)):
+        model = make_model(73)
+        optimizer = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        generator = torch.Generator().manual_seed(73)
+        for _ in range(3):
+            optimizer.zero_grad()
+            scaler.scale(model(torch.randn(8, 16, generator=generator)).square().mean()).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            scaler.step(optimizer)
+            scaler.update()
+        results.append([p.detach() for p in model.parameters()])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=3 * 4 * EPS[torch.float32] * (2 + 4e-2))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(grad_scale=torch.ones(2)), ValueError, "grad_scale is a one-element tensor"),
+    (dict(grad_scale=torch.tensor(0.0)), ValueError, "Invalid grad_scale value: 0.0"),
+    (dict(grad_scale=torch.tensor(float("inf"))), ValueError, "Invalid grad_scale value: inf"),
+    (dict(found_inf=1.0), ValueError, "found_inf is a one-element tensor"),
+])
+def test_bad_scaler_arguments_are_refused_before_any_write(kwargs, error, match):
+    param = torch.nn.Parameter(torch.randn(5))
+    optimizer = fusedopt.AdamW([param])
+    param.grad = torch.randn(5)
+    before = param.detach().clone()
+    with pytest.raises(error, match=match):
+        optimizer.step(**kwargs)
+    assert torch.equal(param.detach(), before) and not optimizer.state
