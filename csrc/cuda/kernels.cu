@@ -29,9 +29,14 @@ constexpr int kMaxTensors = 256;
 // Kernel parameters may take 32,764 bytes (CUDA 12.1+, Volta and newer).
 constexpr int kParamBytes = 32000;
 
+// Every table keeps room for the largest per-tensor scalars of any kernel (Adam's),
+// so that a launch's capacity depends on its number of lists alone.
+constexpr int kTensorScalarBytes = 8;
+
 template <int kNumLists, typename TensorScalars>
 struct LaunchTable {
-  static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + sizeof(TensorScalars);
+  static_assert(sizeof(TensorScalars) <= kTensorScalarBytes, "per-tensor scalars exceed their room");
+  static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + kTensorScalarBytes;
   static constexpr int kMaxChunks = (kParamBytes - 256 - kMaxTensors * kPerTensorBytes) / 8;
 
   void* pointers[kNumLists][kMaxTensors];
@@ -45,6 +50,10 @@ struct LaunchTable {
 struct AdamTensorScalars {
   float step_size;
   float bias_correction2_sqrt;
+};
+// Per-tensor part of the Adagrad scalars: the learning rate decayed by the step count.
+struct AdagradTensorScalars {
+  float lr;
 };
 struct NoTensorScalars {};
 
@@ -207,6 +216,50 @@ __global__ void __launch_bounds__(kBlockThreads)
   });
 }
 
+template <typename ParamT, typename GradT, bool kWeightDecay, bool kMaximize>
+__global__ void __launch_bounds__(kBlockThreads)
+    adagrad_kernel(const __grid_constant__ LaunchTable<3, AdagradTensorScalars> table,
+                   const AdagradScalars shared) {
+  int64_t element_bytes[3] = {sizeof(ParamT), sizeof(GradT), sizeof(ParamT)};
+  void* pointers[3];
+  int slot;
+  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  AdagradScalars scalars = shared;
+  scalars.lr = table.tensor_scalars[slot].lr;
+  update_chunk<ParamT, GradT, 3, 0u>(pointers, n, [&](float (&v)[3]) {
+    adagrad_update<kWeightDecay, kMaximize>(v[0], v[1], v[2], scalars);
+  });
+}
+
+// Lists: param, grad, square_avg, then momentum_buffer and grad_avg where present.
+template <bool kCentered, bool kMomentum>
+constexpr int rmsprop_lists() {
+  return 3 + (kMomentum ? 1 : 0) + (kCentered ? 1 : 0);
+}
+
+template <typename ParamT, typename GradT, bool kWeightDecay, bool kCentered, bool kMomentum,
+          bool kMaximize>
+__global__ void __launch_bounds__(kBlockThreads)
+    rmsprop_kernel(const __grid_constant__ LaunchTable<rmsprop_lists<kCentered, kMomentum>(),
+                                                       NoTensorScalars> table,
+                   const RmspropScalars scalars) {
+  constexpr int kNumLists = rmsprop_lists<kCentered, kMomentum>();
+  int64_t element_bytes[kNumLists];
+#pragma unroll
+  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
+  void* pointers[kNumLists];
+  int slot;
+  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  constexpr int kBufferList = kMomentum ? 3 : 0;  // 0: any valid index, never used then
+  update_chunk<ParamT, GradT, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
+    float unused_buffer = 0.0f;
+    float unused_grad_avg = 0.0f;
+    rmsprop_update<kWeightDecay, kCentered, kMomentum, kMaximize>(
+        v[0], v[1], v[2], kMomentum ? v[kBufferList] : unused_buffer,
+        kCentered ? v[kNumLists - 1] : unused_grad_avg, scalars);
+  });
+}
+
 // Makes `device` current for the duration of a call and then restores the caller's
 // device, touching the current device only when it differs: on a thread with no
 // current context, setting device 0 "back" would create device 0's primary context.
@@ -247,7 +300,7 @@ void refuse_graph_capture(cudaStream_t stream) {
   }
 }
 
-// Puts the Adam step counters back as they were unless commit() is called: they are
+// Puts the step counters back as they were unless commit() is called: they are
 // advanced (on the host) before the launches, and a call that raises must change nothing.
 class StepCounterRollback {
  public:
@@ -322,9 +375,9 @@ LaunchCapacity launch_capacity(int num_lists) {
     case 3:
       return {kMaxTensors, LaunchTable<3, NoTensorScalars>::kMaxChunks};
     case 4:
-      return {kMaxTensors, LaunchTable<4, AdamTensorScalars>::kMaxChunks};
+      return {kMaxTensors, LaunchTable<4, NoTensorScalars>::kMaxChunks};
     case 5:
-      return {kMaxTensors, LaunchTable<5, AdamTensorScalars>::kMaxChunks};
+      return {kMaxTensors, LaunchTable<5, NoTensorScalars>::kMaxChunks};
   }
   throw std::invalid_argument("launch tables hold 2 to 5 lists");
 }
@@ -389,6 +442,64 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
       });
     });
   });
+}
+
+void adagrad_step(const AdagradStepArgs& args, int device, uintptr_t stream) {
+  check_lists(args);
+  const std::vector<LaunchPlan> plans =
+      plan_launches(args.numels, chunk_elements(), launch_capacity(3));
+  DeviceGuard guard(device);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  refuse_graph_capture(cuda_stream);
+  StepCounterRollback rollback(args.steps);
+  const std::vector<AdagradScalars> scalars = advance_adagrad_steps(args);
+  const AdagradScalars shared = scalars.empty() ? AdagradScalars{} : scalars[0];
+  const std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.sums};
+  auto tensor_scalars_of = [&](int64_t t) { return AdagradTensorScalars{scalars[t].lr}; };
+  with_scalar_type(args.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    with_bool(args.weight_decay != 0.0, [&](auto decay) {
+      with_bool(args.maximize, [&](auto maximize) {
+        launch_all<LaunchTable<3, AdagradTensorScalars>>(
+            plans, lists, args.numels, adagrad_kernel<T, T, decay.value, maximize.value>, shared,
+            tensor_scalars_of, cuda_stream);
+      });
+    });
+  });
+  rollback.commit();
+}
+
+void rmsprop_step(const RmspropStepArgs& args, int device, uintptr_t stream) {
+  check_lists(args);
+  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.square_avgs};
+  if (args.has_momentum_buffer()) lists.push_back(&args.momentum_buffers);
+  if (args.centered) lists.push_back(&args.grad_avgs);
+  const std::vector<LaunchPlan> plans = plan_launches(
+      args.numels, chunk_elements(), launch_capacity(static_cast<int>(lists.size())));
+  DeviceGuard guard(device);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  refuse_graph_capture(cuda_stream);
+  StepCounterRollback rollback(args.steps);
+  advance_rmsprop_steps(args);
+  const RmspropScalars scalars = rmsprop_scalars(args);
+  auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+  with_scalar_type(args.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    with_bool(args.weight_decay != 0.0, [&](auto decay) {
+      with_bool(args.centered, [&](auto centered) {
+        with_bool(args.has_momentum_buffer(), [&](auto momentum) {
+          with_bool(args.maximize, [&](auto maximize) {
+            constexpr int kNumLists = rmsprop_lists<centered.value, momentum.value>();
+            launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+                plans, lists, args.numels,
+                rmsprop_kernel<T, T, decay.value, centered.value, momentum.value, maximize.value>,
+                scalars, no_tensor_scalars, cuda_stream);
+          });
+        });
+      });
+    });
+  });
+  rollback.commit();
 }
 
 int device_count() {
