@@ -157,6 +157,14 @@ def sgdw_step_(
     _store(param, p)
 
 
+def _l2_decayed(grad, param, weight_decay, maximize):
+    """The gradient (math views) as Adagrad and RMSprop step with it: negated when
+    maximizing, then with torch's L2 decay, g + weight_decay * p."""
+    if maximize:
+        grad = -grad
+    return grad + weight_decay * param if weight_decay != 0 else grad
+
+
 @torch.no_grad()
 def adagrad_step_(param, grad, state_sum, step, *, lr, lr_decay, eps, weight_decay, maximize):
     """One Adagrad step (Duchi, Hazan & Singer), in place, as torch.optim.Adagrad.
@@ -167,14 +175,8 @@ def adagrad_step_(param, grad, state_sum, step, *, lr, lr_decay, eps, weight_dec
     decayed_lr = lr / (1 + (step - 1) * lr_decay)
 
     p = _math_view(param)
-    g = _math_view(grad)
-    s = _math_view(state_sum)
-
-    if maximize:
-        g = -g
-    if weight_decay != 0:
-        g = g + weight_decay * p
-    s = s + g * g
+    g = _l2_decayed(_math_view(grad), p, weight_decay, maximize)
+    s = _math_view(state_sum) + g * g
     std = _sqrt(s) + eps
     p = p - (decayed_lr * g) / std
 
@@ -192,14 +194,8 @@ def rmsprop_step_(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alp
     normalized gradient, buf = momentum * buf + g / avg, as in torch.
     """
     p = _math_view(param)
-    g = _math_view(grad)
-    v = _math_view(square_avg)
-
-    if maximize:
-        g = -g
-    if weight_decay != 0:
-        g = g + weight_decay * p
-    v = alpha * v + (1 - alpha) * (g * g)
+    g = _l2_decayed(_math_view(grad), p, weight_decay, maximize)
+    v = alpha * _math_view(square_avg) + (1 - alpha) * (g * g)
     variance = v
     if centered:
         m = _lerp(_math_view(grad_avg), g, 1 - alpha)  # torch's lerp, as Adam's first moment

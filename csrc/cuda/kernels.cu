@@ -157,17 +157,18 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
   }
 }
 
-// The chunk this block owns: its tensor's pointers advanced to the chunk start.
-template <int kNumLists, typename TensorScalars>
+// The chunk this block owns: its tensor's pointers advanced to the chunk start (list 1
+// is the grad, of GradT; the others are of ParamT).
+template <typename ParamT, typename GradT, int kNumLists, typename TensorScalars>
 __device__ __forceinline__ int64_t locate_chunk(const LaunchTable<kNumLists, TensorScalars>& table,
-                                                void* (&pointers)[kNumLists], int& slot,
-                                                int64_t element_bytes[kNumLists]) {
+                                                void* (&pointers)[kNumLists], int& slot) {
   slot = table.chunk_slots[blockIdx.x];
   const int64_t chunk = chunk_elements();
   const int64_t begin = static_cast<int64_t>(table.chunk_indices[blockIdx.x]) * chunk;
 #pragma unroll
   for (int l = 0; l < kNumLists; ++l) {
-    pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * element_bytes[l];
+    const int64_t element_bytes = l == 1 ? sizeof(GradT) : sizeof(ParamT);
+    pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * element_bytes;
   }
   const int64_t remaining = table.numels[slot] - begin;
   return remaining < chunk ? remaining : chunk;
@@ -178,12 +179,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     adam_kernel(const __grid_constant__ LaunchTable<kAmsgrad ? 5 : 4, AdamTensorScalars> table,
                 const AdamScalars shared) {
   constexpr int kNumLists = kAmsgrad ? 5 : 4;
-  int64_t element_bytes[kNumLists];
-#pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  const int64_t n = locate_chunk<ParamT, GradT>(table, pointers, slot);
   AdamScalars scalars = shared;
   scalars.step_size = table.tensor_scalars[slot].step_size;
   scalars.bias_correction2_sqrt = table.tensor_scalars[slot].bias_correction2_sqrt;
@@ -201,12 +199,9 @@ __global__ void __launch_bounds__(kBlockThreads)
                                                     NoTensorScalars> table,
                 const SgdScalars scalars) {
   constexpr int kNumLists = kMomentum == Momentum::kNone ? 2 : 3;
-  int64_t element_bytes[kNumLists];
-#pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  const int64_t n = locate_chunk<ParamT, GradT>(table, pointers, slot);
   // The first step creates the momentum buffer from the gradient: it is written only.
   constexpr unsigned kWriteOnlyLists = kMomentum == Momentum::kFirstStep ? 1u << 2 : 0u;
   update_chunk<ParamT, GradT, kNumLists, kWriteOnlyLists>(pointers, n, [&](float (&v)[kNumLists]) {
@@ -220,10 +215,9 @@ template <typename ParamT, typename GradT, bool kWeightDecay, bool kMaximize>
 __global__ void __launch_bounds__(kBlockThreads)
     adagrad_kernel(const __grid_constant__ LaunchTable<3, AdagradTensorScalars> table,
                    const AdagradScalars shared) {
-  int64_t element_bytes[3] = {sizeof(ParamT), sizeof(GradT), sizeof(ParamT)};
   void* pointers[3];
   int slot;
-  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  const int64_t n = locate_chunk<ParamT, GradT>(table, pointers, slot);
   AdagradScalars scalars = shared;
   scalars.lr = table.tensor_scalars[slot].lr;
   update_chunk<ParamT, GradT, 3, 0u>(pointers, n, [&](float (&v)[3]) {
@@ -244,12 +238,9 @@ __global__ void __launch_bounds__(kBlockThreads)
                                                        NoTensorScalars> table,
                    const RmspropScalars scalars) {
   constexpr int kNumLists = rmsprop_lists<kCentered, kMomentum>();
-  int64_t element_bytes[kNumLists];
-#pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  const int64_t n = locate_chunk<ParamT, GradT>(table, pointers, slot);
   constexpr int kBufferList = kMomentum ? 3 : 0;  // 0: any valid index, never used then
   update_chunk<ParamT, GradT, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
     float unused_buffer = 0.0f;
