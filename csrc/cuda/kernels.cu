@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Lists: param, grad, square_avg, then momentum_buffer and grad_avg where present.
 template <bool kCentered, bool kMomentum>
-constexpr int rmsprop_lists() {
+__host__ __device__ constexpr int rmsprop_lists() {
   return 3 + (kMomentum ? 1 : 0) + (kCentered ? 1 : 0);
 }
 
