@@ -182,7 +182,13 @@ CASES = [
 @pytest.mark.parametrize("breaker,error,message", CASES, ids=[c[0].__name__ for c in CASES])
 def test_refused_step_names_the_problem_and_changes_nothing(breaker, error, message, backend,
                                                             check_reads):
-    optimizer, groups = stepped_optimizer(backend=backend)
+    assert_step_refused(stepped_optimizer(backend=backend), breaker, error, message, backend, check_reads)
+
+
+def assert_step_refused(stepped, breaker, error, message, backend, check_reads):
+    """`breaker` applied to a stepped (optimizer, groups) given new grads makes the next
+    step raise `error` matching `message`, and leaves everything as it was."""
+    optimizer, groups = stepped
     if backend == "kernel":
         assert_steady_plans_read(optimizer, check_reads)
     for group in groups:  # new grads for the step that will be refused
@@ -254,17 +260,8 @@ ADAPTIVE_CASES = adaptive_cases()
 def test_adagrad_and_rmsprop_refuse_bad_steps_and_change_nothing(name, breaker, error, message, backend,
                                                                  check_reads):
     cls, kwargs, _, _ = ADAPTIVE_OPTIMIZERS[name]
-    optimizer, groups = stepped_optimizer(cls, backend=backend, **kwargs)
-    if backend == "kernel":
-        assert_steady_plans_read(optimizer, check_reads)
-    for group in groups:
-        for p in group:
-            p.grad = torch.randn_like(p)
-    breaker(optimizer, groups)
-    before = snapshot(optimizer)
-    with pytest.raises(error, match=message):
-        optimizer.step()
-    assert_unchanged(optimizer, before)
+    assert_step_refused(stepped_optimizer(cls, backend=backend, **kwargs), breaker, error, message, backend,
+                        check_reads)
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.complex64, "kernel"),

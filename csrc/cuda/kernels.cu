@@ -373,61 +373,76 @@ LaunchCapacity launch_capacity(int num_lists) {
   throw std::invalid_argument("launch tables hold 2 to 5 lists");
 }
 
-void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
+namespace {
+
+// What every launcher does before anything is written: check the pointer lists, plan
+// the launches, make `device` current and refuse a capturing stream. Then
+// `launch(plans, stream)` runs while the device is current.
+template <typename Args, typename Launch>
+void prepare_and_launch(const Args& args, int num_lists, int device, uintptr_t stream,
+                        Launch launch) {
   check_lists(args);
   const std::vector<LaunchPlan> plans =
-      plan_launches(args.numels, chunk_elements(), launch_capacity(args.amsgrad ? 5 : 4));
+      plan_launches(args.numels, chunk_elements(), launch_capacity(num_lists));
   DeviceGuard guard(device);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   refuse_graph_capture(cuda_stream);
-  StepCounterRollback rollback(args.steps);
-  const std::vector<AdamScalars> scalars = advance_adam_steps(args);
-  const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
-  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
-                                                   &args.exp_avg_sqs};
-  if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
-  auto tensor_scalars_of = [&](int64_t t) {
-    return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
-  };
-  with_scalar_type(args.dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    with_weight_decay(args.decay, [&](auto decay) {
-      with_bool(args.amsgrad, [&](auto amsgrad) {
-        with_bool(args.maximize, [&](auto maximize) {
-          launch_all<LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>>(
-              plans, lists, args.numels,
-              adam_kernel<T, T, decay.value, amsgrad.value, maximize.value>, shared,
-              tensor_scalars_of, cuda_stream);
+  launch(plans, cuda_stream);
+}
+
+using Plans = std::vector<LaunchPlan>;
+
+}  // namespace
+
+void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
+  prepare_and_launch(args, args.amsgrad ? 5 : 4, device, stream, [&](const Plans& plans,
+                                                                     cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    const std::vector<AdamScalars> scalars = advance_adam_steps(args);
+    const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
+    std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
+                                                     &args.exp_avg_sqs};
+    if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
+    auto tensor_scalars_of = [&](int64_t t) {
+      return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
+    };
+    with_scalar_type(args.dtype, [&](auto type) {
+      using T = typename decltype(type)::type;
+      with_weight_decay(args.decay, [&](auto decay) {
+        with_bool(args.amsgrad, [&](auto amsgrad) {
+          with_bool(args.maximize, [&](auto maximize) {
+            launch_all<LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>>(
+                plans, lists, args.numels,
+                adam_kernel<T, T, decay.value, amsgrad.value, maximize.value>, shared,
+                tensor_scalars_of, cuda_stream);
+          });
         });
       });
     });
+    rollback.commit();
   });
-  rollback.commit();
 }
 
 void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
-  check_lists(args);
   const bool has_buffer = args.momentum_mode != Momentum::kNone;
-  const std::vector<LaunchPlan> plans =
-      plan_launches(args.numels, chunk_elements(), launch_capacity(has_buffer ? 3 : 2));
-  DeviceGuard guard(device);
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  refuse_graph_capture(cuda_stream);
-  const SgdScalars scalars = sgdw_scalars(args);
-  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
-  if (has_buffer) lists.push_back(&args.momentum_buffers);
-  auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
-  with_scalar_type(args.dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    with_bool(args.weight_decay != 0.0, [&](auto decay) {
-      with_momentum(args.momentum_mode, [&](auto momentum) {
-        with_bool(args.nesterov, [&](auto nesterov) {
-          with_bool(args.maximize, [&](auto maximize) {
-            constexpr int kNumLists = momentum.value == Momentum::kNone ? 2 : 3;
-            launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
-                plans, lists, args.numels,
-                sgdw_kernel<T, T, decay.value, momentum.value, nesterov.value, maximize.value>,
-                scalars, no_tensor_scalars, cuda_stream);
+  prepare_and_launch(args, has_buffer ? 3 : 2, device, stream, [&](const Plans& plans,
+                                                                   cudaStream_t cuda_stream) {
+    const SgdScalars scalars = sgdw_scalars(args);
+    std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
+    if (has_buffer) lists.push_back(&args.momentum_buffers);
+    auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+    with_scalar_type(args.dtype, [&](auto type) {
+      using T = typename decltype(type)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_momentum(args.momentum_mode, [&](auto momentum) {
+          with_bool(args.nesterov, [&](auto nesterov) {
+            with_bool(args.maximize, [&](auto maximize) {
+              constexpr int kNumLists = momentum.value == Momentum::kNone ? 2 : 3;
+              launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+                  plans, lists, args.numels,
+                  sgdw_kernel<T, T, decay.value, momentum.value, nesterov.value, maximize.value>,
+                  scalars, no_tensor_scalars, cuda_stream);
+            });
           });
         });
       });
@@ -436,61 +451,54 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
 }
 
 void adagrad_step(const AdagradStepArgs& args, int device, uintptr_t stream) {
-  check_lists(args);
-  const std::vector<LaunchPlan> plans =
-      plan_launches(args.numels, chunk_elements(), launch_capacity(3));
-  DeviceGuard guard(device);
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  refuse_graph_capture(cuda_stream);
-  StepCounterRollback rollback(args.steps);
-  const std::vector<AdagradScalars> scalars = advance_adagrad_steps(args);
-  const AdagradScalars shared = scalars.empty() ? AdagradScalars{} : scalars[0];
-  const std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.sums};
-  auto tensor_scalars_of = [&](int64_t t) { return AdagradTensorScalars{scalars[t].lr}; };
-  with_scalar_type(args.dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    with_bool(args.weight_decay != 0.0, [&](auto decay) {
-      with_bool(args.maximize, [&](auto maximize) {
-        launch_all<LaunchTable<3, AdagradTensorScalars>>(
-            plans, lists, args.numels, adagrad_kernel<T, T, decay.value, maximize.value>, shared,
-            tensor_scalars_of, cuda_stream);
+  prepare_and_launch(args, 3, device, stream, [&](const Plans& plans, cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    const std::vector<AdagradScalars> scalars = advance_adagrad_steps(args);
+    const AdagradScalars shared = scalars.empty() ? AdagradScalars{} : scalars[0];
+    const std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.sums};
+    auto tensor_scalars_of = [&](int64_t t) { return AdagradTensorScalars{scalars[t].lr}; };
+    with_scalar_type(args.dtype, [&](auto type) {
+      using T = typename decltype(type)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_bool(args.maximize, [&](auto maximize) {
+          launch_all<LaunchTable<3, AdagradTensorScalars>>(
+              plans, lists, args.numels, adagrad_kernel<T, T, decay.value, maximize.value>, shared,
+              tensor_scalars_of, cuda_stream);
+        });
       });
     });
+    rollback.commit();
   });
-  rollback.commit();
 }
 
 void rmsprop_step(const RmspropStepArgs& args, int device, uintptr_t stream) {
-  check_lists(args);
   std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.square_avgs};
   if (args.has_momentum_buffer()) lists.push_back(&args.momentum_buffers);
   if (args.centered) lists.push_back(&args.grad_avgs);
-  const std::vector<LaunchPlan> plans = plan_launches(
-      args.numels, chunk_elements(), launch_capacity(static_cast<int>(lists.size())));
-  DeviceGuard guard(device);
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  refuse_graph_capture(cuda_stream);
-  StepCounterRollback rollback(args.steps);
-  advance_rmsprop_steps(args);
-  const RmspropScalars scalars = rmsprop_scalars(args);
-  auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
-  with_scalar_type(args.dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    with_bool(args.weight_decay != 0.0, [&](auto decay) {
-      with_bool(args.centered, [&](auto centered) {
-        with_bool(args.has_momentum_buffer(), [&](auto momentum) {
-          with_bool(args.maximize, [&](auto maximize) {
-            constexpr int kNumLists = rmsprop_lists<centered.value, momentum.value>();
-            launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
-                plans, lists, args.numels,
-                rmsprop_kernel<T, T, decay.value, centered.value, momentum.value, maximize.value>,
-                scalars, no_tensor_scalars, cuda_stream);
+  prepare_and_launch(args, static_cast<int>(lists.size()), device, stream,
+                     [&](const Plans& plans, cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    advance_rmsprop_steps(args);
+    const RmspropScalars scalars = rmsprop_scalars(args);
+    auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+    with_scalar_type(args.dtype, [&](auto type) {
+      using T = typename decltype(type)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_bool(args.centered, [&](auto centered) {
+          with_bool(args.has_momentum_buffer(), [&](auto momentum) {
+            with_bool(args.maximize, [&](auto maximize) {
+              constexpr int kNumLists = rmsprop_lists<centered.value, momentum.value>();
+              launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+                  plans, lists, args.numels,
+                  rmsprop_kernel<T, T, decay.value, centered.value, momentum.value, maximize.value>,
+                  scalars, no_tensor_scalars, cuda_stream);
+            });
           });
         });
       });
     });
+    rollback.commit();
   });
-  rollback.commit();
 }
 
 int device_count() {
