@@ -112,8 +112,8 @@ FUSEDOPT_HOST_DEVICE void adagrad_update(float& param, float grad, float& sum,
   if (kMaximize) grad = -grad;
   if (kWeightDecay) grad = grad + s.weight_decay * param;
   sum = sum + grad * grad;
-  const float std = sqrtf(sum) + s.eps;
-  param = param - (s.lr * grad) / std;
+  const float denom = sqrtf(sum) + s.eps;
+  param = param - (s.lr * grad) / denom;
 }
 
 struct RmspropScalars {
