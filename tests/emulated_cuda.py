@@ -29,6 +29,12 @@ def kernel_lists(kernel_name, args):
     if kernel_name == "adam_step":
         lists = [args.params, args.grads, args.exp_avgs, args.exp_avg_sqs]
         return lists + ([args.max_exp_avg_sqs] if args.amsgrad else []), set()
+    if kernel_name == "adagrad_step":
+        return [args.params, args.grads, args.sums], set()
+    if kernel_name == "rmsprop_step":
+        lists = [args.params, args.grads, args.square_avgs]
+        lists += [args.momentum_buffers] if args.momentum != 0 else []
+        return lists + ([args.grad_avgs] if args.centered else []), set()
     lists = [args.params, args.grads]
     if args.momentum_mode == C.Momentum.none:
         return lists, set()
@@ -178,7 +184,8 @@ def report_totals(request):
 
 def host_args(kernel_name, tensors_per_list, **hyper):
     """Step arguments for the emulated launchers from host tensors, list by list."""
-    args = C.AdamStepArgs() if kernel_name == "adam_step" else C.SgdwStepArgs()
+    args = {"adam_step": C.AdamStepArgs, "sgdw_step": C.SgdwStepArgs, "adagrad_step": C.AdagradStepArgs,
+            "rmsprop_step": C.RmspropStepArgs}[kernel_name]()
     for name, tensors in tensors_per_list.items():
         setattr(args, name, [t.data_ptr() for t in tensors])
     first = next(iter(tensors_per_list.values()))

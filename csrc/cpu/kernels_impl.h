@@ -61,6 +61,52 @@ void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
   }
 }
 
+template <typename ParamT, typename GradT, bool kWeightDecay, bool kMaximize>
+void adagrad_chunk(const AdagradKernelArgs& args, const Chunk& chunk) {
+  const int64_t t = chunk.tensor;
+  ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
+  const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
+  ParamT* __restrict sum = static_cast<ParamT*>(args.sums[t]) + chunk.begin;
+  const AdagradScalars scalars = args.scalars[t];
+  const int64_t n = chunk.end - chunk.begin;
+  for (int64_t i = 0; i < n; ++i) {
+    float p = to_float(param[i]);
+    float s = to_float(sum[i]);
+    adagrad_update<kWeightDecay, kMaximize>(p, to_float(grad[i]), s, scalars);
+    param[i] = from_float<ParamT>(p);
+    sum[i] = from_float<ParamT>(s);
+  }
+}
+
+template <typename ParamT, typename GradT, bool kWeightDecay, bool kCentered, bool kMomentum,
+          bool kMaximize>
+void rmsprop_chunk(const RmspropKernelArgs& args, const Chunk& chunk) {
+  const int64_t t = chunk.tensor;
+  ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
+  const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
+  ParamT* __restrict square_avg = static_cast<ParamT*>(args.square_avgs[t]) + chunk.begin;
+  ParamT* __restrict buffer =
+      kMomentum ? static_cast<ParamT*>(args.momentum_buffers[t]) + chunk.begin : nullptr;
+  ParamT* __restrict grad_avg =
+      kCentered ? static_cast<ParamT*>(args.grad_avgs[t]) + chunk.begin : nullptr;
+  const RmspropScalars scalars = args.scalars;
+  const int64_t n = chunk.end - chunk.begin;
+  for (int64_t i = 0; i < n; ++i) {
+    float p = to_float(param[i]);
+    float v = to_float(square_avg[i]);
+    float b = 0.0f;
+    float m = 0.0f;
+    if constexpr (kMomentum) b = to_float(buffer[i]);
+    if constexpr (kCentered) m = to_float(grad_avg[i]);
+    rmsprop_update<kWeightDecay, kCentered, kMomentum, kMaximize>(p, to_float(grad[i]), v, b, m,
+                                                                   scalars);
+    param[i] = from_float<ParamT>(p);
+    square_avg[i] = from_float<ParamT>(v);
+    if constexpr (kMomentum) buffer[i] = from_float<ParamT>(b);
+    if constexpr (kCentered) grad_avg[i] = from_float<ParamT>(m);
+  }
+}
+
 AdamChunkKernel select_adam(ScalarType dtype, WeightDecay decay, bool amsgrad, bool maximize) {
   return with_scalar_type(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
@@ -91,10 +137,39 @@ SgdwChunkKernel select_sgdw(ScalarType dtype, bool decoupled_decay, Momentum mom
   });
 }
 
+AdagradChunkKernel select_adagrad(ScalarType dtype, bool weight_decay, bool maximize) {
+  return with_scalar_type(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return with_bool(weight_decay, [&](auto kDecay) {
+      return with_bool(maximize, [&](auto kMaximize) -> AdagradChunkKernel {
+        return &adagrad_chunk<T, T, kDecay.value, kMaximize.value>;
+      });
+    });
+  });
+}
+
+RmspropChunkKernel select_rmsprop(ScalarType dtype, bool weight_decay, bool centered, bool momentum,
+                                  bool maximize) {
+  return with_scalar_type(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return with_bool(weight_decay, [&](auto kDecay) {
+      return with_bool(centered, [&](auto kCentered) {
+        return with_bool(momentum, [&](auto kMomentum) {
+          return with_bool(maximize, [&](auto kMaximize) -> RmspropChunkKernel {
+            return &rmsprop_chunk<T, T, kDecay.value, kCentered.value, kMomentum.value,
+                                  kMaximize.value>;
+          });
+        });
+      });
+    });
+  });
+}
+
 #define FUSEDOPT_STRINGIFY_(x) #x
 #define FUSEDOPT_STRINGIFY(x) FUSEDOPT_STRINGIFY_(x)
 
-constexpr KernelTable kTable{FUSEDOPT_STRINGIFY(FUSEDOPT_CPU_ISA), &select_adam, &select_sgdw};
+constexpr KernelTable kTable{FUSEDOPT_STRINGIFY(FUSEDOPT_CPU_ISA), &select_adam, &select_sgdw,
+                             &select_adagrad, &select_rmsprop};
 
 }  // namespace
 

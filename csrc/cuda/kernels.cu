@@ -29,9 +29,14 @@ constexpr int kMaxTensors = 256;
 // Kernel parameters may take 32,764 bytes (CUDA 12.1+, Volta and newer).
 constexpr int kParamBytes = 32000;
 
+// Every table keeps room for the largest per-tensor scalars of any kernel (Adam's),
+// so that a launch's capacity depends on its number of lists alone.
+constexpr int kTensorScalarBytes = 8;
+
 template <int kNumLists, typename TensorScalars>
 struct LaunchTable {
-  static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + sizeof(TensorScalars);
+  static_assert(sizeof(TensorScalars) <= kTensorScalarBytes, "per-tensor scalars exceed their room");
+  static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + kTensorScalarBytes;
   static constexpr int kMaxChunks = (kParamBytes - 256 - kMaxTensors * kPerTensorBytes) / 8;
 
   void* pointers[kNumLists][kMaxTensors];
@@ -45,6 +50,10 @@ struct LaunchTable {
 struct AdamTensorScalars {
   float step_size;
   float bias_correction2_sqrt;
+};
+// Per-tensor part of the Adagrad scalars: the learning rate decayed by the step count.
+struct AdagradTensorScalars {
+  float lr;
 };
 struct NoTensorScalars {};
 
@@ -148,17 +157,18 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
   }
 }
 
-// The chunk this block owns: its tensor's pointers advanced to the chunk start.
-template <int kNumLists, typename TensorScalars>
+// The chunk this block owns: its tensor's pointers advanced to the chunk start (list 1
+// is the grad, of GradT; the others are of ParamT).
+template <typename ParamT, typename GradT, int kNumLists, typename TensorScalars>
 __device__ __forceinline__ int64_t locate_chunk(const LaunchTable<kNumLists, TensorScalars>& table,
-                                                void* (&pointers)[kNumLists], int& slot,
-                                                int64_t element_bytes[kNumLists]) {
+                                                void* (&pointers)[kNumLists], int& slot) {
   slot = table.chunk_slots[blockIdx.x];
   const int64_t chunk = chunk_elements();
   const int64_t begin = static_cast<int64_t>(table.chunk_indices[blockIdx.x]) * chunk;
 #pragma unroll
   for (int l = 0; l < kNumLists; ++l) {
-    pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * element_bytes[l];
+    const int64_t element_bytes = l == 1 ? sizeof(GradT) : sizeof(ParamT);
+    pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * element_bytes;
   }
   const int64_t remaining = table.numels[slot] - begin;
   return remaining < chunk ? remaining : chunk;
@@ -169,12 +179,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     adam_kernel(const __grid_constant__ LaunchTable<kAmsgrad ? 5 : 4, AdamTensorScalars> table,
                 const AdamScalars shared) {
   constexpr int kNumLists = kAmsgrad ? 5 : 4;
-  int64_t element_bytes[kNumLists];
-#pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  const int64_t n = locate_chunk<ParamT, GradT>(table, pointers, slot);
   AdamScalars scalars = shared;
   scalars.step_size = table.tensor_scalars[slot].step_size;
   scalars.bias_correction2_sqrt = table.tensor_scalars[slot].bias_correction2_sqrt;
@@ -192,18 +199,55 @@ __global__ void __launch_bounds__(kBlockThreads)
                                                     NoTensorScalars> table,
                 const SgdScalars scalars) {
   constexpr int kNumLists = kMomentum == Momentum::kNone ? 2 : 3;
-  int64_t element_bytes[kNumLists];
-#pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = l == 1 ? sizeof(GradT) : sizeof(ParamT);
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  const int64_t n = locate_chunk<ParamT, GradT>(table, pointers, slot);
   // The first step creates the momentum buffer from the gradient: it is written only.
   constexpr unsigned kWriteOnlyLists = kMomentum == Momentum::kFirstStep ? 1u << 2 : 0u;
   update_chunk<ParamT, GradT, kNumLists, kWriteOnlyLists>(pointers, n, [&](float (&v)[kNumLists]) {
     float unused_buffer = 0.0f;
     sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(
         v[0], v[1], kMomentum == Momentum::kNone ? unused_buffer : v[kNumLists - 1], scalars);
+  });
+}
+
+template <typename ParamT, typename GradT, bool kWeightDecay, bool kMaximize>
+__global__ void __launch_bounds__(kBlockThreads)
+    adagrad_kernel(const __grid_constant__ LaunchTable<3, AdagradTensorScalars> table,
+                   const AdagradScalars shared) {
+  void* pointers[3];
+  int slot;
+  const int64_t n = locate_chunk<ParamT, GradT>(table, pointers, slot);
+  AdagradScalars scalars = shared;
+  scalars.lr = table.tensor_scalars[slot].lr;
+  update_chunk<ParamT, GradT, 3, 0u>(pointers, n, [&](float (&v)[3]) {
+    adagrad_update<kWeightDecay, kMaximize>(v[0], v[1], v[2], scalars);
+  });
+}
+
+// Lists: param, grad, square_avg, then momentum_buffer and grad_avg where present.
+template <bool kCentered, bool kMomentum>
+__host__ __device__ constexpr int rmsprop_lists() {
+  return 3 + (kMomentum ? 1 : 0) + (kCentered ? 1 : 0);
+}
+
+template <typename ParamT, typename GradT, bool kWeightDecay, bool kCentered, bool kMomentum,
+          bool kMaximize>
+__global__ void __launch_bounds__(kBlockThreads)
+    rmsprop_kernel(const __grid_constant__ LaunchTable<rmsprop_lists<kCentered, kMomentum>(),
+                                                       NoTensorScalars> table,
+                   const RmspropScalars scalars) {
+  constexpr int kNumLists = rmsprop_lists<kCentered, kMomentum>();
+  void* pointers[kNumLists];
+  int slot;
+  const int64_t n = locate_chunk<ParamT, GradT>(table, pointers, slot);
+  constexpr int kBufferList = kMomentum ? 3 : 0;  // 0: any valid index, never used then
+  update_chunk<ParamT, GradT, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
+    float unused_buffer = 0.0f;
+    float unused_grad_avg = 0.0f;
+    rmsprop_update<kWeightDecay, kCentered, kMomentum, kMaximize>(
+        v[0], v[1], v[2], kMomentum ? v[kBufferList] : unused_buffer,
+        kCentered ? v[kNumLists - 1] : unused_grad_avg, scalars);
   });
 }
 
@@ -247,7 +291,7 @@ void refuse_graph_capture(cudaStream_t stream) {
   }
 }
 
-// Puts the Adam step counters back as they were unless commit() is called: they are
+// Puts the step counters back as they were unless commit() is called: they are
 // advanced (on the host) before the launches, and a call that raises must change nothing.
 class StepCounterRollback {
  public:
@@ -322,72 +366,138 @@ LaunchCapacity launch_capacity(int num_lists) {
     case 3:
       return {kMaxTensors, LaunchTable<3, NoTensorScalars>::kMaxChunks};
     case 4:
-      return {kMaxTensors, LaunchTable<4, AdamTensorScalars>::kMaxChunks};
+      return {kMaxTensors, LaunchTable<4, NoTensorScalars>::kMaxChunks};
     case 5:
-      return {kMaxTensors, LaunchTable<5, AdamTensorScalars>::kMaxChunks};
+      return {kMaxTensors, LaunchTable<5, NoTensorScalars>::kMaxChunks};
   }
   throw std::invalid_argument("launch tables hold 2 to 5 lists");
 }
 
-void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
+namespace {
+
+// What every launcher does before anything is written: check the pointer lists, plan
+// the launches, make `device` current and refuse a capturing stream. Then
+// `launch(plans, stream)` runs while the device is current.
+template <typename Args, typename Launch>
+void prepare_and_launch(const Args& args, int num_lists, int device, uintptr_t stream,
+                        Launch launch) {
   check_lists(args);
   const std::vector<LaunchPlan> plans =
-      plan_launches(args.numels, chunk_elements(), launch_capacity(args.amsgrad ? 5 : 4));
+      plan_launches(args.numels, chunk_elements(), launch_capacity(num_lists));
   DeviceGuard guard(device);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   refuse_graph_capture(cuda_stream);
-  StepCounterRollback rollback(args.steps);
-  const std::vector<AdamScalars> scalars = advance_adam_steps(args);
-  const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
-  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
-                                                   &args.exp_avg_sqs};
-  if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
-  auto tensor_scalars_of = [&](int64_t t) {
-    return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
-  };
-  with_scalar_type(args.dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    with_weight_decay(args.decay, [&](auto decay) {
-      with_bool(args.amsgrad, [&](auto amsgrad) {
-        with_bool(args.maximize, [&](auto maximize) {
-          launch_all<LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>>(
-              plans, lists, args.numels,
-              adam_kernel<T, T, decay.value, amsgrad.value, maximize.value>, shared,
-              tensor_scalars_of, cuda_stream);
-        });
-      });
-    });
-  });
-  rollback.commit();
+  launch(plans, cuda_stream);
 }
 
-void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
-  check_lists(args);
-  const bool has_buffer = args.momentum_mode != Momentum::kNone;
-  const std::vector<LaunchPlan> plans =
-      plan_launches(args.numels, chunk_elements(), launch_capacity(has_buffer ? 3 : 2));
-  DeviceGuard guard(device);
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  refuse_graph_capture(cuda_stream);
-  const SgdScalars scalars = sgdw_scalars(args);
-  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
-  if (has_buffer) lists.push_back(&args.momentum_buffers);
-  auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
-  with_scalar_type(args.dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    with_bool(args.weight_decay != 0.0, [&](auto decay) {
-      with_momentum(args.momentum_mode, [&](auto momentum) {
-        with_bool(args.nesterov, [&](auto nesterov) {
+using Plans = std::vector<LaunchPlan>;
+
+}  // namespace
+
+void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
+  prepare_and_launch(args, args.amsgrad ? 5 : 4, device, stream, [&](const Plans& plans,
+                                                                     cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    const std::vector<AdamScalars> scalars = advance_adam_steps(args);
+    const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
+    std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
+                                                     &args.exp_avg_sqs};
+    if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
+    auto tensor_scalars_of = [&](int64_t t) {
+      return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
+    };
+    with_scalar_type(args.dtype, [&](auto type) {
+      using T = typename decltype(type)::type;
+      with_weight_decay(args.decay, [&](auto decay) {
+        with_bool(args.amsgrad, [&](auto amsgrad) {
           with_bool(args.maximize, [&](auto maximize) {
-            constexpr int kNumLists = momentum.value == Momentum::kNone ? 2 : 3;
-            launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+            launch_all<LaunchTable<amsgrad.value ? 5 : 4, AdamTensorScalars>>(
                 plans, lists, args.numels,
-                sgdw_kernel<T, T, decay.value, momentum.value, nesterov.value, maximize.value>,
-                scalars, no_tensor_scalars, cuda_stream);
+                adam_kernel<T, T, decay.value, amsgrad.value, maximize.value>, shared,
+                tensor_scalars_of, cuda_stream);
           });
         });
       });
     });
+    rollback.commit();
+  });
+}
+
+void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
+  const bool has_buffer = args.momentum_mode != Momentum::kNone;
+  prepare_and_launch(args, has_buffer ? 3 : 2, device, stream, [&](const Plans& plans,
+                                                                   cudaStream_t cuda_stream) {
+    const SgdScalars scalars = sgdw_scalars(args);
+    std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
+    if (has_buffer) lists.push_back(&args.momentum_buffers);
+    auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+    with_scalar_type(args.dtype, [&](auto type) {
+      using T = typename decltype(type)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_momentum(args.momentum_mode, [&](auto momentum) {
+          with_bool(args.nesterov, [&](auto nesterov) {
+            with_bool(args.maximize, [&](auto maximize) {
+              constexpr int kNumLists = momentum.value == Momentum::kNone ? 2 : 3;
+              launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+                  plans, lists, args.numels,
+                  sgdw_kernel<T, T, decay.value, momentum.value, nesterov.value, maximize.value>,
+                  scalars, no_tensor_scalars, cuda_stream);
+            });
+          });
+        });
+      });
+    });
+  });
+}
+
+void adagrad_step(const AdagradStepArgs& args, int device, uintptr_t stream) {
+  prepare_and_launch(args, 3, device, stream, [&](const Plans& plans, cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    const std::vector<AdagradScalars> scalars = advance_adagrad_steps(args);
+    const AdagradScalars shared = scalars.empty() ? AdagradScalars{} : scalars[0];
+    const std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.sums};
+    auto tensor_scalars_of = [&](int64_t t) { return AdagradTensorScalars{scalars[t].lr}; };
+    with_scalar_type(args.dtype, [&](auto type) {
+      using T = typename decltype(type)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_bool(args.maximize, [&](auto maximize) {
+          launch_all<LaunchTable<3, AdagradTensorScalars>>(
+              plans, lists, args.numels, adagrad_kernel<T, T, decay.value, maximize.value>, shared,
+              tensor_scalars_of, cuda_stream);
+        });
+      });
+    });
+    rollback.commit();
+  });
+}
+
+void rmsprop_step(const RmspropStepArgs& args, int device, uintptr_t stream) {
+  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.square_avgs};
+  if (args.has_momentum_buffer()) lists.push_back(&args.momentum_buffers);
+  if (args.centered) lists.push_back(&args.grad_avgs);
+  prepare_and_launch(args, static_cast<int>(lists.size()), device, stream,
+                     [&](const Plans& plans, cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    advance_rmsprop_steps(args);
+    const RmspropScalars scalars = rmsprop_scalars(args);
+    auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+    with_scalar_type(args.dtype, [&](auto type) {
+      using T = typename decltype(type)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_bool(args.centered, [&](auto centered) {
+          with_bool(args.has_momentum_buffer(), [&](auto momentum) {
+            with_bool(args.maximize, [&](auto maximize) {
+              constexpr int kNumLists = rmsprop_lists<centered.value, momentum.value>();
+              launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+                  plans, lists, args.numels,
+                  rmsprop_kernel<T, T, decay.value, centered.value, momentum.value, maximize.value>,
+                  scalars, no_tensor_scalars, cuda_stream);
+            });
+          });
+        });
+      });
+    });
+    rollback.commit();
   });
 }
 
