@@ -5,7 +5,8 @@ implementation steps its own copy of the same random data; steps are timed round
 by round, one step per implementation per round, so drift hits all alike. The
 report gives the median step time, the effective bandwidth (the bytes a step must
 move divided by its time, docs/DESIGN.md 4), that bandwidth as a share of a copy
-measured in the same run, and the time ratio against torch's fused optimizer.
+measured in the same run, and the time ratio against torch's fused optimizer (its
+foreach one for RMSprop, which has no fused path).
 
     python benchmarks/bench_step.py --device cpu --quick --json out.json --plot out.png
 """
@@ -83,6 +84,7 @@ class OptimizerSpec:
     torch_class: type
     hyper: dict
     states: int  # state tensors shaped like the param
+    baseline: str = "torch-fused"  # the implementation the time ratio compares with
 
     @property
     def key(self):
@@ -97,11 +99,17 @@ class OptimizerSpec:
 ADAM = dict(lr=1e-3, weight_decay=1e-2)
 # SGDW decays decoupled (p *= 1 - lr*wd), torch's SGD as L2; both move the same bytes.
 SGD = dict(lr=1e-2, momentum=0.9, weight_decay=1e-2)
+ADAGRAD = dict(lr=1e-2, lr_decay=1e-4, weight_decay=1e-2)
+RMSPROP = dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-2)
 OPTIMIZERS = [
     OptimizerSpec("adamw", torch.float32, fusedopt.AdamW, torch.optim.AdamW, ADAM, states=2),
     OptimizerSpec("adamw", torch.bfloat16, fusedopt.AdamW, torch.optim.AdamW, ADAM, states=2),
     OptimizerSpec("adam-l2", torch.float32, fusedopt.Adam, torch.optim.Adam, ADAM, states=2),
     OptimizerSpec("sgdw-momentum", torch.float32, fusedopt.SGDW, torch.optim.SGD, SGD, states=1),
+    OptimizerSpec("adagrad", torch.float32, fusedopt.Adagrad, torch.optim.Adagrad, ADAGRAD, states=1),
+    # torch.optim.RMSprop has no fused path: its foreach one is the fastest it has.
+    OptimizerSpec("rmsprop-centered-momentum", torch.float32, fusedopt.RMSprop, torch.optim.RMSprop,
+                  RMSPROP, states=3, baseline="torch-foreach"),
 ]
 
 # How each implementation builds its optimizer. One that raises is reported as n/a;
@@ -116,7 +124,6 @@ IMPLEMENTATIONS = {
 }
 DEFAULT_IMPLS = ["fusedopt", "torch-fused", "torch-foreach"]
 QUICK_IMPLS = ["fusedopt", "torch-fused"]
-BASELINE = "torch-fused"
 
 
 @dataclass(frozen=True)
@@ -254,7 +261,9 @@ def start_run(impl, spec, source, warmup):
 
 
 def bench_row(workload, source, spec, impls, clock, settings, copy_gbps):
-    """Times every implementation on its own copy of `source`, round by round; returns rows."""
+    """Times every implementation on its own copy of `source`, round by round, and the
+    optimizer's baseline with them; returns rows."""
+    impls = impls + [spec.baseline] * (spec.baseline not in impls)
     runs = [start_run(impl, spec, source, settings.warmup) for impl in impls]
     started = time.perf_counter()
     for round_index in range(settings.rounds):
@@ -274,7 +283,7 @@ def bench_row(workload, source, spec, impls, clock, settings, copy_gbps):
                for run in runs}
     rows = []
     for run in runs:
-        median, baseline = medians[run.impl], medians.get(BASELINE)
+        median, baseline = medians[run.impl], medians[spec.baseline]
         gbps = spec.floor_bytes * numel / median / 1e9 if median else None
         rows.append({
             "workload": workload, "tensors": len(source[0]), "numel": numel,
@@ -282,7 +291,8 @@ def bench_row(workload, source, spec, impls, clock, settings, copy_gbps):
             "median_ms": median * 1e3 if median else None,
             "gbps": gbps,
             "percent_of_copy": 100 * gbps / copy_gbps if gbps else None,
-            "ratio_vs_torch_fused": baseline / median if median and baseline else None,
+            "baseline": spec.baseline,
+            "ratio_vs_baseline": baseline / median if median and baseline else None,
             "floor_bytes_per_param": spec.floor_bytes,
             "peak_memory_bytes": run.peak_memory_bytes,
             "num_threads": torch.get_num_threads(),
@@ -330,7 +340,7 @@ def device_name(device):
 
 def format_table(report):
     header = ["workload", "tensors", "params", "optimizer", "dtype", "impl", "median ms",
-              "GB/s", "% of copy BW", "vs torch fused"]
+              "GB/s", "% of copy BW", "vs baseline"]
     scaled = {name for name, info in report["workloads"].items() if info["scaled"]}
     lines = [header]
     for row in report["rows"]:
@@ -339,7 +349,7 @@ def format_table(report):
             f"{row['numel'] / 1e6:.1f}M", row["optimizer"], row["dtype"], row["impl"],
             *(f"{row[key]:{spec}}" if row[key] is not None else "n/a" for key, spec in (
                 ("median_ms", ".3f"), ("gbps", ".1f"), ("percent_of_copy", ".0f"),
-                ("ratio_vs_torch_fused", ".2f"))),
+                ("ratio_vs_baseline", ".2f"))),
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |"
@@ -350,7 +360,8 @@ def format_table(report):
              f"torch {report['torch']}, fusedopt {report['fusedopt']}; "
              f"copy {report['copy_gbps']:.1f} GB/s, in-place update {report['inplace_gbps']:.1f} "
              f"GB/s; median of {MIN_ROUNDS}-{settings['rounds']} steps after "
-             f"{settings['warmup']} warm-up steps."]
+             f"{settings['warmup']} warm-up steps; baseline: torch-fused, or torch-foreach where "
+             "torch has no fused path (RMSprop)."]
     if scaled:
         notes.append("* scaled down from the GPU workload; params and tensors are what ran.")
     if report["load_average_before"] > 0.25 * os.cpu_count():

@@ -23,6 +23,8 @@
 namespace py = pybind11;
 using fusedopt::AdamStepArgs;
 using fusedopt::SgdwStepArgs;
+using fusedopt::AdagradStepArgs;
+using fusedopt::RmspropStepArgs;
 
 using Numels = std::vector<int64_t>;
 
@@ -157,6 +159,41 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("nesterov", &SgdwStepArgs::nesterov)
       .def_readwrite("maximize", &SgdwStepArgs::maximize);
 
+  py::class_<AdagradStepArgs>(m, "AdagradStepArgs", "Pointers and hyperparameters of one Adagrad call")
+      .def(py::init<>())
+      .def_readwrite("params", &AdagradStepArgs::params)
+      .def_readwrite("grads", &AdagradStepArgs::grads)
+      .def_readwrite("sums", &AdagradStepArgs::sums)
+      .def_readwrite("steps", &AdagradStepArgs::steps)
+      .def_readwrite("numels", &AdagradStepArgs::numels)
+      .def_readwrite("dtype", &AdagradStepArgs::dtype)
+      .def_readwrite("grad_dtype", &AdagradStepArgs::grad_dtype)
+      .def_readwrite("state_dtype", &AdagradStepArgs::state_dtype)
+      .def_readwrite("lr", &AdagradStepArgs::lr)
+      .def_readwrite("lr_decay", &AdagradStepArgs::lr_decay)
+      .def_readwrite("eps", &AdagradStepArgs::eps)
+      .def_readwrite("weight_decay", &AdagradStepArgs::weight_decay)
+      .def_readwrite("maximize", &AdagradStepArgs::maximize);
+  py::class_<RmspropStepArgs>(m, "RmspropStepArgs", "Pointers and hyperparameters of one RMSprop call")
+      .def(py::init<>())
+      .def_readwrite("params", &RmspropStepArgs::params)
+      .def_readwrite("grads", &RmspropStepArgs::grads)
+      .def_readwrite("square_avgs", &RmspropStepArgs::square_avgs)
+      .def_readwrite("momentum_buffers", &RmspropStepArgs::momentum_buffers)
+      .def_readwrite("grad_avgs", &RmspropStepArgs::grad_avgs)
+      .def_readwrite("steps", &RmspropStepArgs::steps)
+      .def_readwrite("numels", &RmspropStepArgs::numels)
+      .def_readwrite("dtype", &RmspropStepArgs::dtype)
+      .def_readwrite("grad_dtype", &RmspropStepArgs::grad_dtype)
+      .def_readwrite("state_dtype", &RmspropStepArgs::state_dtype)
+      .def_readwrite("lr", &RmspropStepArgs::lr)
+      .def_readwrite("alpha", &RmspropStepArgs::alpha)
+      .def_readwrite("eps", &RmspropStepArgs::eps)
+      .def_readwrite("weight_decay", &RmspropStepArgs::weight_decay)
+      .def_readwrite("momentum", &RmspropStepArgs::momentum)
+      .def_readwrite("centered", &RmspropStepArgs::centered)
+      .def_readwrite("maximize", &RmspropStepArgs::maximize);
+
   py::class_<fusedopt::TensorReads>(m, "TensorReads",
                                     "C-level reads of tensor facts (NOTE: [launch check])")
       .def(py::init<py::dict, py::object, py::dict>(), py::arg("descriptors"),
@@ -196,6 +233,16 @@ PYBIND11_MODULE(_C, m) {
           py::call_guard<py::gil_scoped_release>(),
           "One SGDW step over host tensors given by address, in place. Unchecked beyond null "
           "and misaligned addresses: the optimizers launch through run_checked.");
+  cpu.def("adagrad_step", &fusedopt::cpu::adagrad_step, py::arg("args"), py::arg("num_threads"),
+          py::call_guard<py::gil_scoped_release>(),
+          "One Adagrad step over host tensors given by address: increments each fp32 step "
+          "counter in `args.steps`, then updates params and sums in place. Unchecked beyond "
+          "null and misaligned addresses: the optimizers launch through run_checked.");
+  cpu.def("rmsprop_step", &fusedopt::cpu::rmsprop_step, py::arg("args"), py::arg("num_threads"),
+          py::call_guard<py::gil_scoped_release>(),
+          "One RMSprop step over host tensors given by address: increments each fp32 step "
+          "counter in `args.steps`, then updates params and states in place. Unchecked beyond "
+          "null and misaligned addresses: the optimizers launch through run_checked.");
   cpu.def("active_isa", &fusedopt::cpu::active_isa,
           "The instruction set whose kernels run here (FUSEDOPT_CPU_ISA overrides).");
   cpu.def("compiled_isas", &fusedopt::cpu::compiled_isas,
@@ -213,6 +260,14 @@ PYBIND11_MODULE(_C, m) {
   cuda.def("sgdw_step", &fusedopt::cuda::sgdw_step, py::arg("args"), py::arg("device"),
            py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
            "One SGDW step over device tensors given by address, launched on `stream`.");
+  cuda.def("adagrad_step", &fusedopt::cuda::adagrad_step, py::arg("args"), py::arg("device"),
+           py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+           "One Adagrad step over device tensors given by address, launched on `stream`; step "
+           "counters stay on the host.");
+  cuda.def("rmsprop_step", &fusedopt::cuda::rmsprop_step, py::arg("args"), py::arg("device"),
+           py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+           "One RMSprop step over device tensors given by address, launched on `stream`; step "
+           "counters stay on the host.");
   cuda.def("device_count", &fusedopt::cuda::device_count,
            "CUDA devices the statically linked runtime sees (0 without a driver).");
   cuda.def(

@@ -1,7 +1,8 @@
 // The pybind11 module fusedopt._cuda_emulated: csrc/cuda/kernels.cu compiled for the
 // host (NOTE: [emulated CUDA] in csrc/cuda/runtime.h), for the tests. Its steps take the
-// AdamStepArgs and SgdwStepArgs that fusedopt._C registers, with host addresses; the
-// `runtime` submodule steers the CUDA runtime stand-in and records memory accesses.
+// step arguments that fusedopt._C registers (AdamStepArgs, SgdwStepArgs, AdagradStepArgs,
+// RmspropStepArgs), with host addresses; the `runtime` submodule steers the CUDA runtime
+// stand-in and records memory accesses.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,7 +14,7 @@ namespace emulation = fusedopt::cuda::emulation;
 
 PYBIND11_MODULE(_cuda_emulated, m) {
   m.doc() = "fusedopt's CUDA kernels and launchers compiled for the host, run thread by thread";
-  py::module_::import("fusedopt._C");  // registers AdamStepArgs and SgdwStepArgs
+  py::module_::import("fusedopt._C");  // registers the step arguments
 
   m.def("adam_step", &fusedopt::cuda::adam_step, py::arg("args"), py::arg("device"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
@@ -21,6 +22,12 @@ PYBIND11_MODULE(_cuda_emulated, m) {
   m.def("sgdw_step", &fusedopt::cuda::sgdw_step, py::arg("args"), py::arg("device"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "fusedopt._C.cuda.sgdw_step, run on the CPU over host addresses.");
+  m.def("adagrad_step", &fusedopt::cuda::adagrad_step, py::arg("args"), py::arg("device"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "fusedopt._C.cuda.adagrad_step, run on the CPU over host addresses.");
+  m.def("rmsprop_step", &fusedopt::cuda::rmsprop_step, py::arg("args"), py::arg("device"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "fusedopt._C.cuda.rmsprop_step, run on the CPU over host addresses.");
   m.def("device_count", &fusedopt::cuda::device_count,
         "Devices the runtime stand-in reports (0 when it plays a missing driver).");
   m.def(

@@ -46,7 +46,9 @@
 #include <cstring>
 #include <optional>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
+#include <variant>
 
 #include "cpu/driver.h"
 #include "fusedopt/step_args.h"
@@ -218,6 +220,23 @@ StateLists state_lists_of(SgdwStepArgs& args) {
     out.add(&args.momentum_buffers, static_cast<int>(args.state_dtype));
   }
   if (args.master != MasterWeights::kNone) out.add(&args.masters, master_dtype(args.master));
+  return out;
+}
+
+StateLists state_lists_of(AdagradStepArgs& args) {
+  StateLists out;
+  out.add(&args.sums, static_cast<int>(args.state_dtype));
+  out.add(&args.steps, -1);
+  return out;
+}
+
+StateLists state_lists_of(RmspropStepArgs& args) {
+  StateLists out;
+  const int state = static_cast<int>(args.state_dtype);
+  out.add(&args.square_avgs, state);
+  if (args.has_momentum_buffer()) out.add(&args.momentum_buffers, state);
+  if (args.centered) out.add(&args.grad_avgs, state);
+  out.add(&args.steps, -1);
   return out;
 }
 
@@ -704,33 +723,56 @@ Target parse_target(py::handle target) {
   throw std::invalid_argument("target must be ('cpu', num_threads) or ('cuda', device, stream)");
 }
 
+// Each optimizer's kernels: the name a test hook gets, the CPU and CUDA entry points.
+template <typename Args>
+struct Kernels;
+#if defined(FUSEDOPT_WITH_CUDA)
+#define FUSEDOPT_CUDA_ENTRY(name) static constexpr auto cuda_step = &cuda::name;
+#else
+#define FUSEDOPT_CUDA_ENTRY(name)
+#endif
+#define FUSEDOPT_KERNELS(Args, name)                   \
+  template <>                                          \
+  struct Kernels<Args> {                               \
+    static constexpr const char* kName = #name;        \
+    static constexpr auto cpu_step = &cpu::name;       \
+    FUSEDOPT_CUDA_ENTRY(name)                          \
+  };
+FUSEDOPT_KERNELS(AdamStepArgs, adam_step)
+FUSEDOPT_KERNELS(SgdwStepArgs, sgdw_step)
+FUSEDOPT_KERNELS(AdagradStepArgs, adagrad_step)
+FUSEDOPT_KERNELS(RmspropStepArgs, rmsprop_step)
+#undef FUSEDOPT_KERNELS
+#undef FUSEDOPT_CUDA_ENTRY
+
+using StepArgs = std::variant<AdamStepArgs*, SgdwStepArgs*, AdagradStepArgs*, RmspropStepArgs*>;
+
+StepArgs step_args_of(py::handle args) {
+  if (py::isinstance<AdamStepArgs>(args)) return &args.cast<AdamStepArgs&>();
+  if (py::isinstance<SgdwStepArgs>(args)) return &args.cast<SgdwStepArgs&>();
+  if (py::isinstance<AdagradStepArgs>(args)) return &args.cast<AdagradStepArgs&>();
+  if (py::isinstance<RmspropStepArgs>(args)) return &args.cast<RmspropStepArgs&>();
+  throw std::invalid_argument("run_checked: an item's arguments are no step arguments");
+}
+
 template <typename Args>
 void launch(const Args& args, const Target& target) {
   if (target.cuda) {
 #if defined(FUSEDOPT_WITH_CUDA)
-    if constexpr (std::is_same_v<Args, AdamStepArgs>) {
-      cuda::adam_step(args, target.device, target.stream);
-    } else {
-      cuda::sgdw_step(args, target.device, target.stream);
-    }
+    Kernels<Args>::cuda_step(args, target.device, target.stream);
     return;
 #else
     throw std::invalid_argument("this build has no CUDA kernels");
 #endif
   }
-  if constexpr (std::is_same_v<Args, AdamStepArgs>) {
-    cpu::adam_step(args, target.num_threads);
-  } else {
-    cpu::sgdw_step(args, target.num_threads);
-  }
+  Kernels<Args>::cpu_step(args, target.num_threads);
 }
 
 }  // namespace
 
 int run_checked(py::list items, py::list launched) {
   struct Ready {
-    AdamStepArgs* adam = nullptr;
-    SgdwStepArgs* sgdw = nullptr;
+    StepArgs args;
     Target target;
   };
   std::vector<Ready> ready;
@@ -741,18 +783,13 @@ int run_checked(py::list items, py::list launched) {
     const py::tuple item = items[i].cast<py::tuple>();
     if (item.size() != 6) throw std::invalid_argument("run_checked: items have six fields");
     auto& check = item[0].cast<LaunchCheck&>();
-    const py::handle args = item[1];
     const bool check_state_dicts = item[4].cast<bool>();
-    Ready entry;
-    entry.target = parse_target(item[5]);
-    bool sound;
-    if (py::isinstance<AdamStepArgs>(args)) {
-      entry.adam = &args.cast<AdamStepArgs&>();
-      sound = check.verify(*entry.adam, item[2].ptr(), item[3].ptr(), check_state_dicts, &alive);
-    } else {
-      entry.sgdw = &args.cast<SgdwStepArgs&>();
-      sound = check.verify(*entry.sgdw, item[2].ptr(), item[3].ptr(), check_state_dicts, &alive);
-    }
+    Ready entry{step_args_of(item[1]), parse_target(item[5])};
+    const bool sound = std::visit(
+        [&](auto* args) {
+          return check.verify(*args, item[2].ptr(), item[3].ptr(), check_state_dicts, &alive);
+        },
+        entry.args);
     if (!sound) return static_cast<int>(i);
     // The target comes from Python's view of the device, which a subclass can bend.
     const dlpack::Device device = check.params_device();
@@ -775,21 +812,19 @@ int run_checked(py::list items, py::list launched) {
     // the GIL, right after the check, with nothing but the hook in between.
     for (const Ready& entry : ready) {
       if (!entry.target.hook) throw std::invalid_argument("run_checked: hook targets go alone");
-      if (entry.adam != nullptr) {
-        entry.target.hook("adam_step", py::cast(entry.adam, py::return_value_policy::reference));
-      } else {
-        entry.target.hook("sgdw_step", py::cast(entry.sgdw, py::return_value_policy::reference));
-      }
+      std::visit(
+          [&](auto* args) {
+            using Args = std::remove_pointer_t<decltype(args)>;
+            entry.target.hook(Kernels<Args>::kName,
+                              py::cast(args, py::return_value_policy::reference));
+          },
+          entry.args);
     }
     return -1;
   }
   py::gil_scoped_release release;
   for (const Ready& entry : ready) {
-    if (entry.adam != nullptr) {
-      launch(*entry.adam, entry.target);
-    } else {
-      launch(*entry.sgdw, entry.target);
-    }
+    std::visit([&](auto* args) { launch(*args, entry.target); }, entry.args);
   }
   return -1;
 }

@@ -76,6 +76,12 @@ void check_list(const std::vector<uintptr_t>& list, size_t expected, const char*
   }
 }
 
+// Every counter is read and written, whatever its tensor's element count.
+void check_step_list(const std::vector<uintptr_t>& steps, size_t expected) {
+  const std::vector<int64_t> one_each(expected, 1);
+  check_list(steps, expected, "steps", one_each, sizeof(float));
+}
+
 }  // namespace
 
 void check_lists(const AdamStepArgs& args) {
@@ -89,9 +95,7 @@ void check_lists(const AdamStepArgs& args) {
              state_alignment);
   check_list(args.masters, args.master == MasterWeights::kNone ? 0 : n, "masters", args.numels,
              master_bytes(args.master));
-  // Every counter is read and written, whatever its tensor's element count.
-  const std::vector<int64_t> one_each(n, 1);
-  check_list(args.steps, n, "steps", one_each, sizeof(float));
+  check_step_list(args.steps, n);
 }
 
 void check_lists(const SgdwStepArgs& args) {
@@ -104,14 +108,17 @@ void check_lists(const SgdwStepArgs& args) {
              master_bytes(args.master));
 }
 
-std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {
-  // Every counter is read and checked before any is written, so a refused call
-  // changes nothing. A counter changed in place to a negative or fractional value
-  // would otherwise reach a bias correction of zero (step -1) and turn params into NaN.
-  std::vector<float> steps(args.numels.size());
+namespace {
+
+// Every counter is read and checked before any is written, so a refused call
+// changes nothing. A counter changed in place to a negative or fractional value
+// would otherwise reach a bias correction of zero (step -1) and turn params into NaN.
+// Returns the new counts.
+std::vector<float> advance_step_counters(const std::vector<uintptr_t>& counters) {
+  std::vector<float> steps(counters.size());
   for (size_t t = 0; t < steps.size(); ++t) {
     float step;
-    std::memcpy(&step, reinterpret_cast<const void*>(args.steps[t]), sizeof(step));
+    std::memcpy(&step, reinterpret_cast<const void*>(counters[t]), sizeof(step));
     if (!(step >= 0.0f && std::isfinite(step) && std::floor(step) == step)) {
       throw std::invalid_argument("state 'step' of tensor " + std::to_string(t) +
                                   " of this step is " + std::to_string(step) +
@@ -119,20 +126,81 @@ std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {
     }
     steps[t] = step;
   }
-  std::vector<AdamScalars> scalars(steps.size());
-  // Tensors of a group almost always share their step count: derive once per run.
+  for (size_t t = 0; t < steps.size(); ++t) {
+    steps[t] += 1.0f;  // fp32 increment, as torch.optim does on its fp32 step tensor
+    std::memcpy(reinterpret_cast<void*>(counters[t]), &steps[t], sizeof(float));
+  }
+  return steps;
+}
+
+// Each tensor's scalars for its new count. Tensors of a group almost always share
+// their step count: derived once per run of equal counts.
+template <typename Scalars, typename Derive>
+std::vector<Scalars> scalars_per_tensor(const std::vector<float>& steps, Derive derive) {
+  std::vector<Scalars> scalars(steps.size());
   float previous_step = -1.0f;
-  AdamScalars previous{};
+  Scalars previous{};
   for (size_t t = 0; t < scalars.size(); ++t) {
-    const float step = steps[t] + 1.0f;  // fp32 increment, as torch.optim does on its fp32 step tensor
-    std::memcpy(reinterpret_cast<void*>(args.steps[t]), &step, sizeof(step));
-    if (step != previous_step) {
-      previous = adam_scalars(args, static_cast<double>(step));
-      previous_step = step;
+    if (steps[t] != previous_step) {
+      previous = derive(static_cast<double>(steps[t]));
+      previous_step = steps[t];
     }
     scalars[t] = previous;
   }
   return scalars;
+}
+
+}  // namespace
+
+std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {
+  return scalars_per_tensor<AdamScalars>(advance_step_counters(args.steps),
+                                         [&](double step) { return adam_scalars(args, step); });
+}
+
+AdagradScalars adagrad_scalars(const AdagradStepArgs& args, double step) {
+  AdagradScalars s;
+  s.lr = static_cast<float>(args.lr / (1.0 + (step - 1.0) * args.lr_decay));
+  s.eps = static_cast<float>(args.eps);
+  s.weight_decay = static_cast<float>(args.weight_decay);
+  return s;
+}
+
+std::vector<AdagradScalars> advance_adagrad_steps(const AdagradStepArgs& args) {
+  return scalars_per_tensor<AdagradScalars>(
+      advance_step_counters(args.steps), [&](double step) { return adagrad_scalars(args, step); });
+}
+
+RmspropScalars rmsprop_scalars(const RmspropStepArgs& args) {
+  RmspropScalars s;
+  s.lr = static_cast<float>(args.lr);
+  s.alpha = static_cast<float>(args.alpha);
+  s.one_minus_alpha = static_cast<float>(1.0 - args.alpha);
+  s.eps = static_cast<float>(args.eps);
+  s.weight_decay = static_cast<float>(args.weight_decay);
+  s.momentum = static_cast<float>(args.momentum);
+  return s;
+}
+
+void advance_rmsprop_steps(const RmspropStepArgs& args) { advance_step_counters(args.steps); }
+
+void check_lists(const AdagradStepArgs& args) {
+  const size_t n = args.numels.size();
+  check_list(args.params, n, "params", args.numels, element_bytes(args.dtype));
+  check_list(args.grads, n, "grads", args.numels, element_bytes(args.grad_dtype));
+  check_list(args.sums, n, "sums", args.numels, element_bytes(args.state_dtype));
+  check_step_list(args.steps, n);
+}
+
+void check_lists(const RmspropStepArgs& args) {
+  const size_t n = args.numels.size();
+  const size_t alignment = element_bytes(args.state_dtype);
+  check_list(args.params, n, "params", args.numels, element_bytes(args.dtype));
+  check_list(args.grads, n, "grads", args.numels, element_bytes(args.grad_dtype));
+  check_list(args.square_avgs, n, "square_avgs", args.numels, alignment);
+  check_list(args.momentum_buffers, args.has_momentum_buffer() ? n : 0, "momentum_buffers",
+             args.numels, alignment);
+  check_list(args.grad_avgs, args.centered ? n : 0, "grad_avgs", args.numels, alignment);
+  check_step_list(args.steps, n);
 }
 
 }  // namespace fusedopt

@@ -1,10 +1,13 @@
-"""fusedopt: one-pass multi-tensor Adam, AdamW and SGDW steps, drop-in for torch.optim."""
+"""fusedopt: one-pass multi-tensor Adam, AdamW, SGDW, Adagrad and RMSprop steps, drop-in for
+torch.optim."""
 from importlib.metadata import PackageNotFoundError, version as _package_version
 
 import torch
 
 from fusedopt import _backend, reference
+from fusedopt.adagrad import Adagrad
 from fusedopt.adam import Adam, AdamW
+from fusedopt.rmsprop import RMSprop
 from fusedopt.sgdw import SGDW
 from fusedopt.weight_decay import RestartNormalizedWeightDecay, normalized_weight_decay
 
@@ -13,8 +16,8 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Adam", "AdamW", "SGDW", "RestartNormalizedWeightDecay", "backend_info",
-           "normalized_weight_decay", "reference", "__version__"]
+__all__ = ["Adam", "AdamW", "SGDW", "Adagrad", "RMSprop", "RestartNormalizedWeightDecay",
+           "backend_info", "normalized_weight_decay", "reference", "__version__"]
 
 
 def backend_info():

@@ -28,6 +28,11 @@ OPTIMIZERS = {
     "SGDW(momentum=0.9, nesterov=True)": lambda params, backend: fusedopt.SGDW(
         params, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, backend=backend),
     "SGDW()": lambda params, backend: fusedopt.SGDW(params, lr=1e-2, backend=backend),
+    "Adagrad(lr_decay=0.01, weight_decay=0.1)": lambda params, backend: fusedopt.Adagrad(
+        params, lr=1e-2, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1, backend=backend),
+    "RMSprop(momentum=0.9, centered=True)": lambda params, backend: fusedopt.RMSprop(
+        params, lr=1e-2, momentum=0.9, centered=True, weight_decay=0.1, backend=backend),
+    "RMSprop()": lambda params, backend: fusedopt.RMSprop(params, lr=1e-2, backend=backend),
 }
 
 
@@ -121,7 +126,7 @@ def self_test():
                 cases += 1
                 failures += problem is not None
                 verdict = "ok  " if problem is None else "FAIL"
-                line = f"{verdict}  {str(device):7} {name:34} {str(dtype).replace('torch.', ''):10}"
+                line = f"{verdict}  {str(device):7} {name:42} {str(dtype).replace('torch.', ''):10}"
                 print(line.rstrip() if problem is None else f"{line}  {problem}")
     print(f"{cases - failures} of {cases} cases match the reference bit for bit"
           + ("" if not failures else f"; {failures} FAILED"))

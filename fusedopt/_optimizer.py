@@ -1,5 +1,5 @@
-"""What Adam, AdamW and SGDW share: backend choice, validate-then-write stepping,
-and checkpoint loading that refuses bad input before changing anything.
+"""What Adam, AdamW, SGDW, Adagrad and RMSprop share: backend choice, validate-then-write
+stepping, and checkpoint loading that refuses bad input before changing anything.
 
 A step has two phases (docs/DESIGN.md, "Data flow of a step" and "Memory safety"):
 planning reads and checks every group, runs every piece of user code a step may
@@ -74,6 +74,21 @@ class Batch:
     def kernel_state(self, index, key):
         """The memory the step works on for state `key` of param `index`."""
         return _backend.local(self.working[index][key])
+
+    def fill_kernel_args(self, args, state_lists):
+        """Points a compiled-call argument object at the whole batch: params, grads,
+        element counts, storage types, and each of its state lists (`state_lists` maps
+        the list's name to its state key)."""
+        every = range(len(self.params))
+        args.params = [p.data_ptr() for p in self.kernel_params]
+        args.grads = [g.data_ptr() for g in self.grads]
+        for name, key in state_lists.items():
+            setattr(args, name, [self.kernel_state(i, key).data_ptr() for i in every])
+        args.numels = [_backend.kernel_numel(p) for p in self.kernel_params]
+        args.dtype = _backend.KERNEL_CODES[self.params[0].dtype]
+        args.grad_dtype = _backend.KERNEL_CODES[self.grads[0].dtype]
+        args.state_dtype = _backend.KERNEL_CODES[self.state_dtype]
+        return args
 
 
 class FusedOptimizer(Optimizer):

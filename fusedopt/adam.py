@@ -169,19 +169,11 @@ class Adam(FusedOptimizer):
             state[key] = tensor
 
     def _kernel_calls(self, batch):
-        args = _backend._C.AdamStepArgs()
         every = range(len(batch.params))
-        args.params = [p.data_ptr() for p in batch.kernel_params]
-        args.grads = [g.data_ptr() for g in batch.grads]
-        args.exp_avgs = [batch.kernel_state(i, "exp_avg").data_ptr() for i in every]
-        args.exp_avg_sqs = [batch.kernel_state(i, "exp_avg_sq").data_ptr() for i in every]
+        lists = {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq", "steps": "step"}
         if batch.hyper["amsgrad"]:
-            args.max_exp_avg_sqs = [batch.kernel_state(i, "max_exp_avg_sq").data_ptr() for i in every]
-        args.steps = [batch.kernel_state(i, "step").data_ptr() for i in every]
-        args.numels = [_backend.kernel_numel(p) for p in batch.kernel_params]
-        args.dtype = _backend.KERNEL_CODES[batch.params[0].dtype]
-        args.grad_dtype = _backend.KERNEL_CODES[batch.grads[0].dtype]
-        args.state_dtype = _backend.KERNEL_CODES[batch.state_dtype]
+            lists["max_exp_avg_sqs"] = "max_exp_avg_sq"
+        args = batch.fill_kernel_args(_backend._C.AdamStepArgs(), lists)
         self._master_arguments(args, batch, every)
         self._set_kernel_hyperparameters(args, batch.hyper)
         return [(args, range(len(batch.params)))]

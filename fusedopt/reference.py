@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["adam_step_", "sgdw_step_"]
+__all__ = ["adam_step_", "sgdw_step_", "adagrad_step_", "rmsprop_step_"]
 
 
 def _math_view(tensor):
@@ -228,3 +228,59 @@ def sgdw_step_(
     p = p - lr * direction
 
     _store_param(param, master, p)
+
+
+def _l2_decayed(grad, param, weight_decay, maximize):
+    """The gradient (math views) as Adagrad and RMSprop step with it: negated when
+    maximizing, then with torch's L2 decay, g + weight_decay * p."""
+    if maximize:
+        grad = -grad
+    return grad + weight_decay * param if weight_decay != 0 else grad
+
+
+@torch.no_grad()
+def adagrad_step_(param, grad, state_sum, step, *, lr, lr_decay, eps, weight_decay, maximize):
+    """One Adagrad step (Duchi, Hazan & Singer), in place, as torch.optim.Adagrad.
+
+    `step` is the step count t after this step's increment (1 on the first step); the
+    learning rate decays to lr / (1 + (t - 1) * lr_decay). The weight decay is L2.
+    """
+    decayed_lr = lr / (1 + (step - 1) * lr_decay)
+
+    p = _math_view(param)
+    g = _l2_decayed(_math_view(grad), p, weight_decay, maximize)
+    s = _math_view(state_sum) + g * g
+    std = _sqrt(s) + eps
+    p = p - (decayed_lr * g) / std
+
+    _store(param, p)
+    _store(state_sum, s)
+
+
+@torch.no_grad()
+def rmsprop_step_(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alpha, eps,
+                  weight_decay, momentum, centered, maximize):
+    """One RMSprop step, in place, as torch.optim.RMSprop.
+
+    `momentum_buffer` is used when `momentum != 0`, `grad_avg` when `centered`; both
+    start at zero. The weight decay is L2. The momentum buffer accumulates the
+    normalized gradient, buf = momentum * buf + g / avg, as in torch.
+    """
+    p = _math_view(param)
+    g = _l2_decayed(_math_view(grad), p, weight_decay, maximize)
+    v = alpha * _math_view(square_avg) + (1 - alpha) * (g * g)
+    variance = v
+    if centered:
+        m = _lerp(_math_view(grad_avg), g, 1 - alpha)  # torch's lerp, as Adam's first moment
+        _store(grad_avg, m)
+        variance = v - m * m
+    avg = _sqrt(variance) + eps
+    if momentum != 0:
+        buf = momentum * _math_view(momentum_buffer) + g / avg
+        _store(momentum_buffer, buf)
+        p = p - lr * buf
+    else:
+        p = p - (lr * g) / avg
+
+    _store(param, p)
+    _store(square_avg, v)

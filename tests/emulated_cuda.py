@@ -27,17 +27,25 @@ MASTER_BYTES = {C.MasterWeights.remainder: 2, C.MasterWeights.fp32: 4}
 
 def list_element_bytes(args, num_lists):
     """Bytes per element of each list: the param, the grad, the states, the master if any."""
-    masters = [MASTER_BYTES[args.master]] if args.master != C.MasterWeights.none else []
+    master = getattr(args, "master", C.MasterWeights.none)  # Adagrad and RMSprop keep none
+    masters = [MASTER_BYTES[master]] if master != C.MasterWeights.none else []
     states = [ELEMENT_BYTES[args.state_dtype]] * (num_lists - 2 - len(masters))
     return [ELEMENT_BYTES[args.dtype], ELEMENT_BYTES[args.grad_dtype]] + states + masters
 
 
 def kernel_lists(kernel_name, args):
     """The call's pointer lists in kernel order, and which of them the kernel only writes."""
-    masters = [args.masters] if args.master != C.MasterWeights.none else []
+    has_master = getattr(args, "master", C.MasterWeights.none) != C.MasterWeights.none
+    masters = [args.masters] if has_master else []
     if kernel_name == "adam_step":
         lists = [args.params, args.grads, args.exp_avgs, args.exp_avg_sqs]
         return lists + ([args.max_exp_avg_sqs] if args.amsgrad else []) + masters, set()
+    if kernel_name == "adagrad_step":
+        return [args.params, args.grads, args.sums], set()
+    if kernel_name == "rmsprop_step":
+        lists = [args.params, args.grads, args.square_avgs]
+        lists += [args.momentum_buffers] if args.momentum != 0 else []
+        return lists + ([args.grad_avgs] if args.centered else []), set()
     lists = [args.params, args.grads]
     if args.momentum_mode == C.Momentum.none:
         return lists + masters, set()
@@ -47,8 +55,8 @@ def kernel_lists(kernel_name, args):
 
 
 def owners(numels, lists, element_bytes, first_launch):
-    """`element_bytes` holds each list's bytes per element."""
-    """A function from (tensor, element) arrays to the (launch, block, thread) that own them."""
+    """A function from (tensor, element) arrays to the (launch, block, thread) that own
+    them; `element_bytes` holds each list's bytes per element."""
     chunk = emulated.active_chunk_elements()
     max_tensors, max_chunks = emulated.launch_capacity(len(lists))
     numels = np.asarray(numels, dtype=np.int64)
@@ -193,7 +201,8 @@ def report_totals(request):
 
 def host_args(kernel_name, tensors_per_list, **hyper):
     """Step arguments for the emulated launchers from host tensors, list by list."""
-    args = C.AdamStepArgs() if kernel_name == "adam_step" else C.SgdwStepArgs()
+    args = {"adam_step": C.AdamStepArgs, "sgdw_step": C.SgdwStepArgs, "adagrad_step": C.AdagradStepArgs,
+            "rmsprop_step": C.RmspropStepArgs}[kernel_name]()
     for name, tensors in tensors_per_list.items():
         setattr(args, name, [t.data_ptr() for t in tensors])
     first = next(iter(tensors_per_list.values()))

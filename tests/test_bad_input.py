@@ -182,7 +182,13 @@ CASES = [
 @pytest.mark.parametrize("breaker,error,message", CASES, ids=[c[0].__name__ for c in CASES])
 def test_refused_step_names_the_problem_and_changes_nothing(breaker, error, message, backend,
                                                             check_reads):
-    optimizer, groups = stepped_optimizer(backend=backend)
+    assert_step_refused(stepped_optimizer(backend=backend), breaker, error, message, backend, check_reads)
+
+
+def assert_step_refused(stepped, breaker, error, message, backend, check_reads):
+    """`breaker` applied to a stepped (optimizer, groups) given new grads makes the next
+    step raise `error` matching `message`, and leaves everything as it was."""
+    optimizer, groups = stepped
     if backend == "kernel":
         assert_steady_plans_read(optimizer, check_reads)
     for group in groups:  # new grads for the step that will be refused
@@ -193,6 +199,69 @@ def test_refused_step_names_the_problem_and_changes_nothing(breaker, error, mess
     with pytest.raises(error, match=message):
         optimizer.step()
     assert_unchanged(optimizer, before)
+
+
+# The same attacks on Adagrad and RMSprop: their state keys, their hyperparameters.
+ADAPTIVE_OPTIMIZERS = {
+    "adagrad": (fusedopt.Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1), ("sum",),
+                ("lr_decay", -0.1, "Invalid lr_decay value: -0.1")),
+    "rmsprop": (fusedopt.RMSprop, dict(momentum=0.9, centered=True),
+                ("square_avg", "momentum_buffer", "grad_avg"), ("alpha", -0.5, "Invalid alpha value: -0.5")),
+}
+
+
+def adaptive_cases():
+    """(optimizer name, breaker(optimizer, groups), error, message) for each attack."""
+    where = "param 0 of param group 1"
+
+    def set_state(key, value):
+        return lambda optimizer, groups: optimizer.state[groups[1][0]].__setitem__(key, value)
+
+    def reinterpret(key):
+        def breaker(optimizer, groups):
+            state = optimizer.state[groups[1][0]]
+            state[key].data = state[key].data.view(torch.int32)  # same address and shape
+        return breaker
+
+    def set_hyperparameter(name, value):
+        return lambda optimizer, groups: optimizer.param_groups[1].__setitem__(name, value)
+
+    cases = []
+    for name, (_, _, keys, (hyper_name, bad_value, hyper_message)) in ADAPTIVE_OPTIMIZERS.items():
+        for key in keys:
+            cases += [
+                (name, set_state(key, torch.zeros(3)), ValueError,
+                 rf"state '{key}' of {where} is torch.float32 \(3,\)"),
+                (name, set_state(key, torch.zeros(11, dtype=torch.float64)), ValueError,
+                 f"state '{key}' of {where} is torch.float64"),
+                (name, reinterpret(key), ValueError, f"state '{key}' of {where} is torch.int32"),
+            ]
+        required = keys[0]
+        cases += [
+            (name, break_sparse_grad, ValueError, f"{where} has a sparse gradient"),
+            (name, lambda optimizer, groups, key=required: optimizer.state[groups[1][0]].pop(key), ValueError,
+             rf"the state of {where} has \[.*\] but no '{required}'"),
+            (name, break_step_tensor, ValueError, f"state 'step' of {where} must be a one-element float32"),
+            (name, break_negative_step_in_place, ValueError, f"state 'step' of {where} is -1.0"),
+            (name, break_nan_lr, ValueError, "Invalid learning rate: nan"),
+            (name, set_hyperparameter(hyper_name, bad_value), ValueError, hyper_message),
+        ]
+    return cases
+
+
+ADAPTIVE_CASES = adaptive_cases()
+
+
+@pytest.mark.parametrize("backend,check_reads",
+                         [("kernel", "exchange"), ("kernel", "attributes"), ("reference", None)],
+                         indirect=["check_reads"])
+@pytest.mark.parametrize("name,breaker,error,message", ADAPTIVE_CASES,
+                         ids=[f"{c[0]}-{c[3]}" for c in ADAPTIVE_CASES])
+def test_adagrad_and_rmsprop_refuse_bad_steps_and_change_nothing(name, breaker, error, message, backend,
+                                                                 check_reads):
+    cls, kwargs, _, _ = ADAPTIVE_OPTIMIZERS[name]
+    assert_step_refused(stepped_optimizer(cls, backend=backend, **kwargs), breaker, error, message, backend,
+                        check_reads)
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.complex64, "kernel"),
@@ -245,11 +314,31 @@ BAD_LOADS = [
 ]
 
 
-@pytest.mark.parametrize("name,corrupt,message", BAD_LOADS, ids=[b[0] for b in BAD_LOADS])
-def test_refused_load_names_the_problem_and_changes_nothing(name, corrupt, message):
+ADAPTIVE_BAD_LOADS = [
+    ("adagrad sum of another shape", fusedopt.Adagrad, dict(), lambda sd: sd["state"][1].update(sum=torch.zeros(8)),
+     r"loaded state 'sum' of param 1 of param group 0 has shape \(8,\)"),
+    ("adagrad without sum", fusedopt.Adagrad, dict(), lambda sd: sd["state"][0].pop("sum"),
+     r"loaded state of param 0 of param group 0 has \['step'\] but no \['sum'\]"),
+    ("rmsprop fractional step", fusedopt.RMSprop, dict(momentum=0.9),
+     lambda sd: sd["state"][0].update(step=torch.tensor(1.5)),
+     "loaded state 'step' of param 0 of param group 0 is 1.5"),
+    ("rmsprop complex grad_avg", fusedopt.RMSprop, dict(centered=True),
+     lambda sd: sd["state"][1].update(grad_avg=torch.zeros(7, dtype=torch.complex64)),
+     "is torch.complex64; the param is torch.float32"),
+    ("rmsprop momentum_buffer of another shape", fusedopt.RMSprop, dict(momentum=0.9),
+     lambda sd: sd["state"][0].update(momentum_buffer=torch.zeros(2, 2)),
+     r"loaded state 'momentum_buffer' of param 0 of param group 0 has shape \(2, 2\)"),
+    ("adam state into rmsprop", fusedopt.RMSprop, dict(),
+     lambda sd: sd["param_groups"][0].pop("alpha"), r"loaded param group 0 has no \['alpha'\]"),
+]
+
+
+def assert_load_refused(cls, kwargs, corrupt, message):
+    """A checkpoint of `cls(**kwargs)`, corrupted, is refused naming the problem, and the
+    optimizer, stepped on since, is left as it was."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(7))]
-    optimizer = fusedopt.AdamW(params, lr=1e-2)
+    optimizer = cls(params, lr=1e-2, **kwargs)
     for _ in range(2):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -263,6 +352,18 @@ def test_refused_load_names_the_problem_and_changes_nothing(name, corrupt, messa
     with pytest.raises(ValueError, match=message):
         optimizer.load_state_dict(state_dict)
     assert_unchanged(optimizer, before)
+
+
+@pytest.mark.parametrize("name,cls,kwargs,corrupt,message", ADAPTIVE_BAD_LOADS,
+                         ids=[b[0] for b in ADAPTIVE_BAD_LOADS])
+def test_refused_adagrad_and_rmsprop_loads_name_the_problem_and_change_nothing(name, cls, kwargs, corrupt,
+                                                                               message):
+    assert_load_refused(cls, kwargs, corrupt, message)
+
+
+@pytest.mark.parametrize("name,corrupt,message", BAD_LOADS, ids=[b[0] for b in BAD_LOADS])
+def test_refused_load_names_the_problem_and_changes_nothing(name, corrupt, message):
+    assert_load_refused(fusedopt.AdamW, {}, corrupt, message)
 
 
 def test_load_checks_what_the_load_pre_hooks_return():

@@ -38,6 +38,10 @@ OPTIMIZER_PAIRS = {
         lambda params: fusedopt.Adam(params, lr=1e-2, weight_decay=0.1, backend="kernel"),
         lambda params: fusedopt.Adam(params, lr=3e-3, betas=(0.8, 0.99), maximize=True, backend="kernel"),
     ),
+    "adagrad+rmsprop": (
+        lambda params: fusedopt.Adagrad(params, lr=1e-2, lr_decay=0.01, weight_decay=0.1, backend="kernel"),
+        lambda params: fusedopt.RMSprop(params, lr=1e-3, momentum=0.9, centered=True, backend="kernel"),
+    ),
     # The kernel beside torch's own parallel ops (the reference path).
     "kernel+reference": (
         lambda params: fusedopt.AdamW(params, lr=1e-2, backend="kernel"),

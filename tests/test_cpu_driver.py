@@ -59,6 +59,40 @@ def test_driver_rejects_lists_of_unequal_length_before_writing():
     assert torch.equal(param, before) and step.item() == 0
 
 
+def adaptive_args(kernel, tensors, steps):
+    """Adagrad or RMSprop arguments whose two entries step the same memory, with `steps`."""
+    if kernel == "adagrad_step":
+        args = C.AdagradStepArgs()
+        args.params, args.grads, args.sums = ([t.data_ptr(), t.data_ptr()] for t in tensors[:3])
+        args.lr, args.eps = 1e-2, 1e-10
+    else:
+        args = C.RmspropStepArgs()
+        args.params, args.grads, args.square_avgs, args.momentum_buffers = (
+            [t.data_ptr(), t.data_ptr()] for t in tensors)
+        args.lr, args.alpha, args.eps, args.momentum = 1e-2, 0.99, 1e-8, 0.9
+    args.steps = [s.data_ptr() for s in steps]
+    args.numels = [8, 8]
+    return args
+
+
+@pytest.mark.parametrize("kernel", ["adagrad_step", "rmsprop_step"])
+@pytest.mark.parametrize("bad_step", [-1.0, 2.5, float("inf"), float("nan")])
+def test_adagrad_and_rmsprop_drivers_refuse_a_bad_counter_or_list_before_writing(kernel, bad_step):
+    torch.manual_seed(0)
+    tensors = [torch.randn(8).abs() for _ in range(4)]
+    steps = [torch.tensor(3.0), torch.tensor(bad_step)]
+    args = adaptive_args(kernel, tensors, steps)
+    before = [t.clone() for t in tensors]
+    with pytest.raises(ValueError, match="state 'step' of tensor 1 of this step is"):
+        getattr(C.cpu, kernel)(args, 1)
+    steps[1].fill_(1.0)
+    args.grads = args.grads[:1]
+    with pytest.raises(ValueError, match="grads has 1 entries, expected 2"):
+        getattr(C.cpu, kernel)(args, 1)
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    assert steps[0].item() == 3.0 and steps[1].item() == 1.0
+
+
 @pytest.mark.parametrize("bad_step", [-1.0, 2.5, float("inf"), float("nan")])
 def test_driver_refuses_a_step_counter_that_is_no_count_before_writing(bad_step):
     torch.manual_seed(0)
@@ -77,8 +111,8 @@ def test_driver_refuses_a_step_counter_that_is_no_count_before_writing(bad_step)
     assert steps[0].item() == 3.0  # the good counter before it was not advanced either
 
 
-# Steps fp32, bf16 and fp16 params with Adam and SGDW on three threads and prints a
-# digest of the resulting bits; `{check}` runs just before.
+# Steps fp32, bf16 and fp16 params with Adam, SGDW, Adagrad and RMSprop on three
+# threads and prints a digest of the resulting bits; `{check}` runs just before.
 DIGEST_SCRIPT = """
 import hashlib, os, torch, fusedopt
 from fusedopt import _backend
@@ -94,11 +128,16 @@ def digest_of_steps():
                              backend="kernel")
         sgdw = fusedopt.SGDW(params[2:4], lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1,
                              backend="kernel")
+        adaptive = [torch.nn.Parameter(torch.randn(n, generator=g).to(dtype)) for n in (7, 33001, 65537)]
+        adagrad = fusedopt.Adagrad(adaptive[:2], lr=1e-2, lr_decay=0.01, weight_decay=0.1,
+                                   initial_accumulator_value=0.1, backend="kernel")
+        rmsprop = fusedopt.RMSprop(adaptive[2:], lr=1e-2, momentum=0.9, centered=True, weight_decay=0.1,
+                                   backend="kernel")
         for _ in range(5):
-            for p in params:
+            for p in params + adaptive:
                 p.grad = torch.randn(p.shape, generator=g).to(dtype)
-            adam.step(); sgdw.step()
-        for p in params:
+            adam.step(); sgdw.step(); adagrad.step(); rmsprop.step()
+        for p in params + adaptive:
             digest.update(p.detach().view(torch.uint8 if dtype == torch.float32 else torch.int16).numpy().tobytes())
     return digest.hexdigest()
 

@@ -14,8 +14,8 @@ import torch
 import fusedopt
 from conftest import KERNEL_DTYPES, SHAPES, make_grads, make_params, max_abs_error, run_steps
 from test_parity import (
-    ADAM_OPTIONS, SGDW_OPTIONS, STEPS, assert_bitwise_equal, assert_states_bitwise_equal,
-    fusedopt_adam, fusedopt_sgdw, option_id,
+    ADAM_OPTIONS, ADAPTIVE, ADAPTIVE_CASES, ADAPTIVE_IDS, SGDW_OPTIONS, STEPS, assert_bitwise_equal,
+    assert_states_bitwise_equal, fusedopt_adam, fusedopt_sgdw, option_id,
 )
 
 pytestmark = [
@@ -56,6 +56,20 @@ def test_sgdw_cuda_kernel_matches_reference_bitwise(dtype, options):
     spec, spec_opt = run_on_cuda(fusedopt_sgdw(options, backend="reference"), initial, grads)
     assert_bitwise_equal(kernel, spec)
     assert_states_bitwise_equal(kernel_opt, spec_opt)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("name,options", ADAPTIVE_CASES, ids=ADAPTIVE_IDS)
+def test_adagrad_and_rmsprop_cuda_kernels_match_reference_bitwise(name, options, dtype):
+    _, ours, _ = ADAPTIVE[name]
+    initial = make_params(SHAPES, dtype, seed=24)
+    grads = make_grads(SHAPES, dtype, STEPS, seed=24)
+    kernel, kernel_opt = run_on_cuda(ours(options, backend="kernel"), initial, grads)
+    spec, spec_opt = run_on_cuda(ours(options, backend="reference"), initial, grads)
+    assert_bitwise_equal(kernel, spec)
+    assert_states_bitwise_equal(kernel_opt, spec_opt)
+    cpu, _ = run_steps(ours(options, backend="kernel"), initial, grads)
+    assert_bitwise_equal([k.cpu() for k in kernel], cpu)  # GPU and CPU kernels round alike
 
 
 def test_more_tensors_and_chunks_than_one_launch_holds():

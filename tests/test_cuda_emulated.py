@@ -22,8 +22,8 @@ from emulated_cuda import (  # noqa: F401  (emulated_cuda, report_totals: fixtur
     C, RECORD, check_accesses, emulated, emulated_cuda, host_args, report_totals,
 )
 from test_parity import (
-    ADAM_OPTIONS, SGDW_OPTIONS, assert_bitwise_equal, assert_states_bitwise_equal, fusedopt_adam,
-    fusedopt_sgdw, option_id,
+    ADAM_OPTIONS, ADAPTIVE, ADAPTIVE_CASES, ADAPTIVE_IDS, SGDW_OPTIONS, assert_bitwise_equal,
+    assert_states_bitwise_equal, fusedopt_adam, fusedopt_sgdw, option_id,
 )
 
 # Two steps: SGDW's first step (buffer created) and a running one, Adam's bias
@@ -81,29 +81,51 @@ def test_sgdw_emulated_cuda_matches_cpu_kernel_and_reference_bitwise(options, dt
         lambda backend: fusedopt_sgdw(options, backend=backend), dtype, 32, emulated_cuda, monkeypatch)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS, ids=lambda c: f"chunk={c or 'real'}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,options", ADAPTIVE_CASES, ids=ADAPTIVE_IDS)
+def test_adagrad_and_rmsprop_emulated_cuda_match_cpu_kernel_and_reference_bitwise(
+        name, options, dtype, chunk, emulated_cuda, monkeypatch):
+    emulated.set_chunk_elements(chunk)
+    _, ours, _ = ADAPTIVE[name]
+    assert_emulated_matches_cpu_kernel_and_reference(
+        lambda backend: ours(options, backend=backend), dtype, 38, emulated_cuda, monkeypatch)
+
+
 def launches_per_step(numels, num_lists):
     chunk = emulated.active_chunk_elements()
     return len(fusedopt._backend._C.plan_launches(numels, chunk, *emulated.launch_capacity(num_lists)))
 
 
+# Optimizers whose launches the tables must split, with their number of lists.
+SPLIT_LAUNCHES = {
+    "adam": (fusedopt_adam(dict(decoupled=True, weight_decay=0.1, amsgrad=True, maximize=False),
+                           backend="kernel"), 5),
+    # Per-tensor scalars (the decayed learning rate) in a table of three lists.
+    "adagrad": (ADAPTIVE["adagrad"][1](dict(lr_decay=0.05, weight_decay=0.1), backend="kernel"), 3),
+    "rmsprop": (ADAPTIVE["rmsprop"][1](dict(momentum=0.9, centered=True), backend="kernel"), 5),
+}
+
+
 @pytest.mark.parametrize("chunk", [0, 64], ids=["chunk=real", "chunk=64"])
-def test_more_tensors_and_chunks_than_one_launch_holds(chunk, emulated_cuda, monkeypatch):
+@pytest.mark.parametrize("kernel", SPLIT_LAUNCHES)
+def test_more_tensors_and_chunks_than_one_launch_holds(kernel, chunk, emulated_cuda, monkeypatch):
     """600 tensors (a table holds 256) and, with 64-element chunks, one tensor of more
     chunks than a launch holds: the work continues in further launches, each element once."""
+    make, num_lists = SPLIT_LAUNCHES[kernel]
     emulated.set_chunk_elements(chunk)
     sizes = torch.randint(1, 700, (600,), generator=torch.Generator().manual_seed(33)).tolist()
-    max_chunks = emulated.launch_capacity(5)[1]
+    max_chunks = emulated.launch_capacity(num_lists)[1]
     if chunk:
         sizes.append(max_chunks * chunk + 3 * chunk + 5)
     shapes = [(n,) for n in sizes]
     initial, grads = make_params(shapes, torch.bfloat16, 34), make_grads(shapes, torch.bfloat16, 2, 34)
-    options = dict(decoupled=True, weight_decay=0.1, amsgrad=True, maximize=False)
-    cuda, cuda_opt = run_steps(fusedopt_adam(options, backend="kernel"), initial, grads)
-    expected_launches = launches_per_step(sizes, 5)
+    cuda, cuda_opt = run_steps(make, initial, grads)
+    expected_launches = launches_per_step(sizes, num_lists)
     assert expected_launches >= (4 if chunk else 3)
     assert emulated.runtime.counters()["launches"] == 2 * expected_launches
     monkeypatch.undo()
-    cpu, cpu_opt = run_steps(fusedopt_adam(options, backend="kernel"), initial, grads)
+    cpu, cpu_opt = run_steps(make, initial, grads)
     assert_bitwise_equal(cuda, cpu)
     assert_states_bitwise_equal(cuda_opt, cpu_opt)
 
@@ -135,18 +157,25 @@ def test_misaligned_views_match_the_cpu_kernel(dtype, offset, emulated_cuda, mon
     assert_states_bitwise_equal(cuda_opt, cpu_opt)
 
 
-@pytest.mark.parametrize("kernel", ["adam", "sgdw"])
+EMPTY_STEP_OPTIMIZERS = {
+    "adam": fusedopt_adam(dict(decoupled=True, weight_decay=0.1, amsgrad=True, maximize=False), backend="kernel"),
+    "sgdw": fusedopt_sgdw(dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.1, maximize=False),
+                          backend="kernel"),
+    "adagrad": ADAPTIVE["adagrad"][1](dict(lr_decay=0.05, weight_decay=0.1), backend="kernel"),
+    "rmsprop": ADAPTIVE["rmsprop"][1](dict(momentum=0.9, centered=True, weight_decay=0.1), backend="kernel"),
+}
+
+
+@pytest.mark.parametrize("kernel", EMPTY_STEP_OPTIMIZERS)
 def test_a_step_of_only_empty_tensors_launches_nothing(kernel, emulated_cuda, monkeypatch):
     shapes = [(0,), (3, 0), (0, 5, 2)]
     initial, grads = make_params(shapes, torch.float32, 36), make_grads(shapes, torch.float32, 2, 36)
-    make = (fusedopt_adam(dict(decoupled=True, weight_decay=0.1, amsgrad=True, maximize=False), backend="kernel")
-            if kernel == "adam" else fusedopt_sgdw(dict(momentum=0.9, dampening=0.0, nesterov=False,
-                                                        weight_decay=0.1, maximize=False), backend="kernel"))
+    make = EMPTY_STEP_OPTIMIZERS[kernel]
     _, cuda_opt = run_steps(make, initial, grads)
     assert emulated_cuda.calls == 2 and emulated.runtime.counters()["launches"] == 0
     monkeypatch.undo()
     _, cpu_opt = run_steps(make, initial, grads)
-    assert_states_bitwise_equal(cuda_opt, cpu_opt)  # Adam's step counters: 2 on both
+    assert_states_bitwise_equal(cuda_opt, cpu_opt)  # step counters: 2 on both
 
 
 def test_kernels_that_threads_cooperate_in_do_not_compile_in_the_emulated_build(tmp_path):

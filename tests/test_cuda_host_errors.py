@@ -109,6 +109,43 @@ def test_adam_counters_do_not_move_when_a_later_launch_fails():
     assert runtime.counters()["launches"] == 1
 
 
+def adaptive_problem(kernel, sizes, seed=44):
+    """Host tensors, step counters at 3 and the arguments of an Adagrad or RMSprop call."""
+    generator = torch.Generator().manual_seed(seed)
+    names = (("params", "grads", "sums") if kernel == "adagrad_step"
+             else ("params", "grads", "square_avgs", "momentum_buffers", "grad_avgs"))
+    tensors = {name: [torch.randn(n, generator=generator).abs() for n in sizes] for name in names}
+    steps = [torch.tensor(3.0) for _ in sizes]
+    hyper = (dict(lr=1e-2, lr_decay=0.1, eps=1e-10) if kernel == "adagrad_step"
+             else dict(lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.9, centered=True))
+    args = host_args(kernel, tensors, **hyper)
+    args.steps = [s.data_ptr() for s in steps]
+    return tensors, steps, args
+
+
+@pytest.mark.parametrize("kernel", ["adagrad_step", "rmsprop_step"])
+@pytest.mark.parametrize("failure", ["first launch", "second launch", "graph capture"])
+def test_adagrad_and_rmsprop_counters_and_tensors_do_not_move_when_a_call_is_refused(kernel, failure):
+    """300 tensors take two launches; a refusal before any launch changes nothing, one at
+    the second launch leaves only the first launch's tensors changed; no counter moves."""
+    tensors, steps, args = adaptive_problem(kernel, [17] * 300)
+    before = snapshot(sum(tensors.values(), []))
+    if failure == "graph capture":
+        runtime.set_capture_status(1)
+        expected = "under CUDA graph capture"
+    else:
+        runtime.fail_launch(0 if failure == "first launch" else 1, ERRORS["launch_failure"])
+        expected = "unspecified launch failure"
+    with pytest.raises(RuntimeError, match=expected):
+        getattr(emulated, kernel)(args, 0, 0)
+    assert all(float(s) == 3.0 for s in steps) and runtime.last_error() == 0
+    if failure != "second launch":
+        assert_unchanged(before, sum(tensors.values(), []))
+    runtime.set_capture_status(0)
+    getattr(emulated, kernel)(args, 0, 0)
+    assert all(float(s) == 4.0 for s in steps)
+
+
 def test_a_failed_optimizer_step_can_be_retried_and_steps_once(emulated_cuda, monkeypatch):
     """A step that raises at launch, retried, gives what one step gives on the CPU kernels."""
     generator = torch.Generator().manual_seed(43)

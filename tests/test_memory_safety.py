@@ -48,6 +48,20 @@ def sgdw(backend="kernel", **kwargs):
                                         backend=backend, **kwargs)
 
 
+def adagrad(backend="kernel", **kwargs):
+    return lambda params: fusedopt.Adagrad(params, lr=1e-2, lr_decay=0.01, weight_decay=0.1,
+                                           backend=backend, **kwargs)
+
+
+def rmsprop(backend="kernel", **kwargs):
+    return lambda params: fusedopt.RMSprop(params, lr=1e-2, momentum=0.9, centered=True, weight_decay=0.1,
+                                           backend=backend, **kwargs)
+
+
+# Optimizers that face the attacks below, with the state entry each attack replaces or shrinks.
+ATTACKED = {"adamw": (adamw, "exp_avg_sq"), "adagrad": (adagrad, "sum"), "rmsprop": (rmsprop, "grad_avg")}
+
+
 def assert_same(actual, expected):
     for a, e in zip(actual, expected):
         assert a.dtype == e.dtype and torch.equal(a.detach(), e.detach())
@@ -70,11 +84,13 @@ class SwappingLr(float):
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
-def test_hyperparameter_that_replaces_param_storage_steps_the_new_storage(backend):
+@pytest.mark.parametrize("attacked", ATTACKED)
+def test_hyperparameter_that_replaces_param_storage_steps_the_new_storage(attacked, backend):
+    make, _ = ATTACKED[attacked]
     params = make_params()
-    optimizer = fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    optimizer = make(backend)(params)
     expected = make_params()
-    plain = fusedopt.AdamW(expected, lr=1e-2, weight_decay=0.1, backend="reference")
+    plain = make("reference")(expected)
     for step in range(4):
         if step == 2:  # after a cached plan exists
             optimizer.param_groups[0]["lr"] = SwappingLr(1e-2, params)
@@ -144,22 +160,24 @@ def test_torch_function_subclass_params_keep_stepping_like_plain_ones():
 # segfaulted in 3 of 3 runs of 3,000 steps, inside torch's grad setter). Replacing a
 # grad frees the old one just the same, and that is tested.
 MUTATIONS = {
-    "replace_grad": lambda optimizer, params: setattr(params[0], "grad", torch.randn_like(params[0])),
-    "replace_state": lambda optimizer, params: optimizer.state[params[1]].__setitem__(
-        "exp_avg", torch.zeros_like(params[1])),
-    "replace_param_data": lambda optimizer, params: setattr(params[2], "data", params[2].data.clone()),
+    "replace_grad": lambda optimizer, params, key: setattr(params[0], "grad", torch.randn_like(params[0])),
+    "replace_state": lambda optimizer, params, key: optimizer.state[params[1]].__setitem__(
+        key, torch.zeros_like(params[1])),
+    "replace_param_data": lambda optimizer, params, key: setattr(params[2], "data", params[2].data.clone()),
 }
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
-def test_another_thread_mutating_grads_state_and_params_never_corrupts_memory(mutation):
+@pytest.mark.parametrize("attacked", ATTACKED)
+def test_another_thread_mutating_grads_state_and_params_never_corrupts_memory(attacked, mutation):
     """One thread steps, another mutates, both as fast as they can; AddressSanitizer
     (in the sanitizer stage) must see no access to freed memory. Steps must complete
     (as torch's fused step does) while grads and state are swapped; a param whose
     storage another thread keeps replacing may instead be refused, clearly, when it
     moved between planning and launch in every attempt."""
+    make, key = ATTACKED[attacked]
     params = make_params(shapes=[(64, 1024), (4096,), (1024, 32)])
-    optimizer = fusedopt.AdamW(params, lr=1e-3, backend="kernel")
+    optimizer = make()(params)
     set_grads(params, 0)
     optimizer.step()
     stop = threading.Event()
@@ -168,7 +186,7 @@ def test_another_thread_mutating_grads_state_and_params_never_corrupts_memory(mu
     def mutate():
         try:
             while not stop.is_set():
-                MUTATIONS[mutation](optimizer, params)
+                MUTATIONS[mutation](optimizer, params, key)
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.randn_like(p)
@@ -193,8 +211,7 @@ def test_another_thread_mutating_grads_state_and_params_never_corrupts_memory(mu
     assert not errors and refused < 100
     for p in params:
         assert torch.isfinite(p).all()
-        state = optimizer.state[p]
-        assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
+        assert all(tensor.shape == p.shape for name, tensor in optimizer.state[p].items() if name != "step")
 
 
 def test_two_threads_stepping_one_fresh_optimizer_take_turns():
@@ -228,19 +245,19 @@ def test_two_threads_stepping_one_fresh_optimizer_take_turns():
 
 # -- memory that is not the tensor's own ---------------------------------------------
 
-def shrink_param(optimizer, params, nbytes):
+def shrink_param(optimizer, params, nbytes, key):
     params[1].untyped_storage().resize_(nbytes)
 
 
-def shrink_grad(optimizer, params, nbytes):
+def shrink_grad(optimizer, params, nbytes, key):
     params[1].grad.untyped_storage().resize_(nbytes)
 
 
-def shrink_state(optimizer, params, nbytes):
-    optimizer.state[params[1]]["exp_avg_sq"].untyped_storage().resize_(nbytes)
+def shrink_state(optimizer, params, nbytes, key):
+    optimizer.state[params[1]][key].untyped_storage().resize_(nbytes)
 
 
-def shrink_step(optimizer, params, nbytes):
+def shrink_step(optimizer, params, nbytes, key):
     optimizer.state[params[1]]["step"].untyped_storage().resize_(nbytes)
 
 
@@ -249,20 +266,22 @@ def shrink_step(optimizer, params, nbytes):
     (shrink, what, nbytes)
     for shrink, what in ((shrink_param, "param 1 of param group 0"),
                          (shrink_grad, "the gradient of param 1 of param group 0"),
-                         (shrink_state, "state 'exp_avg_sq' of param 1 of param group 0"),
+                         (shrink_state, "state '{key}' of param 1 of param group 0"),
                          (shrink_step, "state 'step' of param 1 of param group 0"))
     for nbytes in ((0,) if shrink is shrink_step else (0, 8))
 ])
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
-def test_storage_smaller_than_the_tensor_is_refused_before_any_write(shrink, what, nbytes, backend):
+@pytest.mark.parametrize("attacked", ATTACKED)
+def test_storage_smaller_than_the_tensor_is_refused_before_any_write(attacked, shrink, what, nbytes, backend):
     """A storage shrunk under a tensor, between two steps (a cached plan exists on the
     kernel path): torch would read and write past its end; fusedopt refuses."""
+    make, key = ATTACKED[attacked]
     params = make_params()
-    optimizer = stepped(adamw(backend), params)
+    optimizer = stepped(make(backend), params)
     set_grads(params, 7)
-    shrink(optimizer, params, nbytes)
+    shrink(optimizer, params, nbytes, key)
     before_params = [p.detach().clone() for i, p in enumerate(params) if i != 1]
-    with pytest.raises(ValueError, match=f"{what} reaches beyond the end of its storage"):
+    with pytest.raises(ValueError, match=f"{what.format(key=key)} reaches beyond the end of its storage"):
         optimizer.step()
     assert_same([p for i, p in enumerate(params) if i != 1], before_params)
 
@@ -518,9 +537,10 @@ def test_param_listed_twice_in_a_group_is_refused_before_any_write():
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
-def test_step_tensor_shared_by_two_params_is_refused_before_any_write(backend):
+@pytest.mark.parametrize("attacked", ATTACKED)
+def test_step_tensor_shared_by_two_params_is_refused_before_any_write(attacked, backend):
     params = make_params()
-    optimizer = stepped(adamw(backend), params)
+    optimizer = stepped(ATTACKED[attacked][0](backend), params)
     optimizer.state[params[2]]["step"] = optimizer.state[params[0]]["step"]
     set_grads(params, 3)
     before = snapshot(optimizer)
@@ -533,7 +553,10 @@ def test_step_tensor_shared_by_two_params_is_refused_before_any_write(backend):
     (lambda ps: fusedopt.AdamW(ps, lr=1e-2), lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False)),
     (lambda ps: fusedopt.SGDW(ps, lr=1e-2, momentum=0.9),
      lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=False)),
-])
+    (lambda ps: fusedopt.Adagrad(ps, lr=1e-2), lambda ps: torch.optim.Adagrad(ps, lr=1e-2, foreach=False)),
+    (lambda ps: fusedopt.RMSprop(ps, lr=1e-2, centered=True),
+     lambda ps: torch.optim.RMSprop(ps, lr=1e-2, centered=True, foreach=False)),
+], ids=["adamw", "sgdw", "adagrad", "rmsprop"])
 def test_strided_param_with_gaps_steps_as_in_torch(make_ours, make_torch):
     """torch's test_optim steps `torch.randn(10, 5, 2)[..., 0]`; so does fusedopt (on
     the reference path, whose elementwise float32 math matches torch's to within the
@@ -701,7 +724,7 @@ def test_interrupt_as_the_kernels_return_still_commits_their_state(monkeypatch):
     assert_same(params, expected)
 
 
-@pytest.mark.parametrize("make", [adamw, sgdw])
+@pytest.mark.parametrize("make", [adamw, sgdw, adagrad, rmsprop])
 def test_empty_params_with_permuted_strides_step_like_torch(make):
     param = torch.nn.Parameter(torch.zeros(0, 3, 4).permute(2, 1, 0))
     param.grad = torch.zeros_like(param)

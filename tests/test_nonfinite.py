@@ -126,6 +126,65 @@ def test_sgdw_without_decay_with_nan_and_inf_grads_matches_torch_sgd(name, kwarg
                                         STEPS * 4 * EPS[torch.float32] * buffer_bound, what)
 
 
+ADAGRAD_CASES = [
+    ("adagrad", dict()),
+    # The sum starts at 0.1, so weight decay feeds a difference in a param back into its
+    # update by at most lr * wd / sqrt(0.1) < 0.4% per step: the rule stands.
+    ("adagrad-lr-decay-l2-maximize", dict(lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.1,
+                                          maximize=True)),
+]
+# No weight decay: an element's update then never depends on its param, so a rounding
+# difference in the param is not fed back.
+RMSPROP_CASES = [
+    ("rmsprop", dict()),
+    ("rmsprop-momentum-maximize", dict(momentum=0.9, maximize=True)),
+    ("rmsprop-centered-momentum", dict(momentum=0.9, centered=True)),
+]
+
+
+def largest_finite_update(make_reference, initial, grads):
+    """The largest finite |p_t - p_(t-1)| on the float64 reference trajectory (RMSprop's
+    update has no bound in lr alone when centered)."""
+    params = [torch.nn.Parameter(p.detach().double()) for p in initial]
+    optimizer = make_reference(params)
+    largest = 0.0
+    for step in grads:
+        before = [p.detach().clone() for p in params]
+        for param, grad in zip(params, step):
+            param.grad = grad.double()
+        optimizer.step()
+        changes = [(p.detach() - b).abs() for p, b in zip(params, before)]
+        largest = max([largest] + [c[c.isfinite()].max().item() for c in changes if c.isfinite().any()])
+    return largest
+
+
+@pytest.mark.parametrize("name,ours,theirs,kwargs",
+                         [(name, fusedopt.Adagrad, torch.optim.Adagrad, kwargs) for name, kwargs in ADAGRAD_CASES]
+                         + [(name, fusedopt.RMSprop, torch.optim.RMSprop, kwargs) for name, kwargs in RMSPROP_CASES],
+                         ids=[c[0] for c in ADAGRAD_CASES + RMSPROP_CASES])
+def test_adagrad_and_rmsprop_with_nan_and_inf_grads_match_torch_optim(name, ours, theirs, kwargs):
+    initial, grads, our_params, their_params, our_states, their_states = run_both(
+        lambda params: ours(params, lr=LR, **kwargs, backend="kernel"),
+        lambda params: theirs(params, lr=LR, **kwargs, foreach=False),
+        seed=13,
+    )
+    if ours is fusedopt.Adagrad:
+        update_bound = LR  # the sum includes g^2: |g| / (sqrt(sum) + eps) <= 1
+    else:
+        update_bound = largest_finite_update(
+            lambda params: ours(params, lr=LR, **kwargs, backend="reference"), initial, grads)
+    atol = STEPS * 4 * EPS[torch.float32] * (largest_finite(initial) + update_bound)
+    for index, (a, b) in enumerate(zip(our_params, their_params)):
+        assert_same_nonfinite_places(a, b, f"param {index}")
+        assert_finite_entries_close(a, b, atol, f"param {index}")
+    assert len(our_states) == len(their_states) == len(SHAPES)
+    for index, (a, b) in enumerate(zip(our_states, their_states)):
+        assert a.keys() == b.keys()
+        for key in sorted(a.keys() - {"step"}):
+            # grad_avg included: both update it by lerp, as Adam's exp_avg.
+            assert_same_nonfinite_places(a[key], b[key], f"state '{key}' of param {index}")
+
+
 # -- GradScaler: a step with an infinite grad is skipped --------------------------------
 # AdamW is covered in tests/test_optimizer_api.py; these add the other state layouts.
 SCALER_CASES = [
@@ -133,6 +192,9 @@ SCALER_CASES = [
      lambda params: fusedopt.Adam(params, lr=1e-2, weight_decay=0.1, amsgrad=True, backend="kernel")),
     ("sgdw-momentum",
      lambda params: fusedopt.SGDW(params, lr=1e-2, momentum=0.9, weight_decay=0.01, backend="kernel")),
+    ("adagrad", lambda params: fusedopt.Adagrad(params, lr=1e-2, weight_decay=0.01, backend="kernel")),
+    ("rmsprop-centered-momentum",
+     lambda params: fusedopt.RMSprop(params, lr=1e-2, momentum=0.9, centered=True, backend="kernel")),
 ]
 
 

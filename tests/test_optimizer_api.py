@@ -3,6 +3,7 @@ directions, param groups, closures, schedulers, GradScaler, backend selection.""
 import copy
 import gc
 import pickle
+import re
 import warnings
 import weakref
 
@@ -16,8 +17,11 @@ PAIRS = [
     (fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
     (fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
     (fusedopt.SGDW, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    (fusedopt.Adagrad, torch.optim.Adagrad,
+     dict(lr=1e-2, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1)),
+    (fusedopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-2, alpha=0.9, momentum=0.5, centered=True)),
 ]
-PAIR_IDS = ["adam", "adamw", "sgdw"]
+PAIR_IDS = ["adam", "adamw", "sgdw", "adagrad", "rmsprop"]
 
 
 def model_params(seed=0):
@@ -54,6 +58,19 @@ def test_defaults_and_param_group_keys_match_torch(ours, theirs, kwargs):
         (fusedopt.Adam, dict(backend="gpu"), "Invalid backend"),
         (fusedopt.Adam, dict(capturable=True), "capturable=True is not supported"),
         (fusedopt.SGDW, dict(differentiable=True), "differentiable=True is not supported"),
+        (fusedopt.Adagrad, dict(lr=-1.0), "Invalid learning rate"),
+        (fusedopt.Adagrad, dict(lr_decay=-0.1), "Invalid lr_decay value"),
+        (fusedopt.Adagrad, dict(weight_decay=-0.1), "Invalid weight_decay value"),
+        (fusedopt.Adagrad, dict(initial_accumulator_value=-1.0), "Invalid initial_accumulator_value value"),
+        (fusedopt.Adagrad, dict(eps=-1e-10), "Invalid epsilon value"),
+        (fusedopt.Adagrad, dict(differentiable=True), "differentiable=True is not supported"),
+        (fusedopt.RMSprop, dict(lr=-1.0), "Invalid learning rate"),
+        (fusedopt.RMSprop, dict(alpha=-0.5), "Invalid alpha value"),
+        (fusedopt.RMSprop, dict(eps=-1e-8), "Invalid epsilon value"),
+        (fusedopt.RMSprop, dict(momentum=-0.5), "Invalid momentum value"),
+        (fusedopt.RMSprop, dict(weight_decay=-0.1), "Invalid weight_decay value"),
+        (fusedopt.RMSprop, dict(capturable=True), "capturable=True is not supported"),
+        (fusedopt.RMSprop, dict(differentiable=True), "differentiable=True is not supported"),
     ],
 )
 def test_invalid_arguments_raise_value_error(cls, kwargs, message):
@@ -173,6 +190,27 @@ def test_round_trip_through_torch_keeps_state_bitwise():
             assert torch.equal(final["state"][index][key], value), key
 
 
+def test_adagrad_makes_every_state_with_the_optimizer_as_torch_does():
+    """torch.optim.Adagrad makes `step` and `sum` at construction, so its state_dict
+    holds them before any step; params added later get theirs at their first step."""
+    a_params, b_params = model_params(), model_params()
+    ours = fusedopt.Adagrad(a_params[:3], initial_accumulator_value=0.25)
+    theirs = torch.optim.Adagrad(b_params[:3], initial_accumulator_value=0.25)
+    sa, sb = ours.state_dict(), theirs.state_dict()
+    assert sa["state"].keys() == sb["state"].keys() == {0, 1, 2}
+    for index, state in sa["state"].items():
+        assert list(state) == list(sb["state"][index]) == ["step", "sum"]
+        for key, value in state.items():
+            assert value.dtype == sb["state"][index][key].dtype and torch.equal(value, sb["state"][index][key])
+    ours.add_param_group({"params": a_params[3:], "initial_accumulator_value": 0.5})
+    assert a_params[3] not in ours.state
+    set_random_grads(a_params, 0)
+    expected_sum = 0.5 + a_params[3].grad.square()
+    ours.step()
+    assert ours.state[a_params[3]]["step"].item() == 1.0
+    assert torch.equal(ours.state[a_params[3]]["sum"], expected_sum)
+
+
 def test_params_without_grad_are_skipped_and_keep_no_state():
     params = model_params()
     optimizer = fusedopt.AdamW(params, lr=1e-2)
@@ -261,7 +299,13 @@ SCHEDULERS = [
 def test_every_scheduler_drives_lr_and_momentum_as_in_torch(name, make_scheduler, ours, theirs, kwargs):
     a_params, b_params = model_params(), model_params()
     a, b = ours(a_params, **kwargs), theirs(b_params, **kwargs)
-    sa, sb = make_scheduler(a), make_scheduler(b)
+    try:
+        sb = make_scheduler(b)
+    except ValueError as refusal:  # cycling the momentum of an optimizer without one
+        with pytest.raises(ValueError, match=re.escape(str(refusal))):
+            make_scheduler(a)
+        return
+    sa = make_scheduler(a)
     for step in range(8):
         set_random_grads(a_params, step)
         set_random_grads(b_params, step)

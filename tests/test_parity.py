@@ -9,7 +9,10 @@ Tolerance rules (each derived, none tuned to pass):
   addcmul, addcdiv, fused multiply-adds and a 0.5001-ulp sqrt). Each step can then
   differ by a few roundings of the param (each <= eps * |p|) and a few ulps of the
   update (<= eps * |update|); over `steps` steps the difference is bounded by
-  steps * 4 * eps * (max|p| + max|update|).
+  steps * 4 * eps * (max|p| + max|update|). For Adagrad and RMSprop max|update| is
+  measured on the float64 reference trajectory, and the bound multiplied per element
+  by the trajectory's measured amplification of a difference in the params
+  (adaptive_fp32_tolerances).
 * every dtype vs the float64 oracle: fusedopt's error may be at most twice torch's
   own error for the same dtype (the flash-attention rule), plus one ulp of the
   largest param for bf16/fp16 (a single rounding flip that torch happened to avoid).
@@ -37,6 +40,20 @@ SGDW_OPTIONS = [
         (0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 0.1), (False, True)
     )
     if not (nesterov and (momentum == 0 or dampening != 0)) and not (momentum == 0 and dampening)
+]
+
+
+ADAGRAD_OPTIONS = [
+    dict(lr_decay=lr_decay, weight_decay=wd, initial_accumulator_value=initial, maximize=maximize)
+    for lr_decay, wd, initial, maximize in itertools.product(
+        (0.0, 0.05), (0.0, 0.1), (0.0, 0.1), (False, True)
+    )
+]
+RMSPROP_OPTIONS = [
+    dict(momentum=momentum, centered=centered, weight_decay=wd, maximize=maximize)
+    for momentum, centered, wd, maximize in itertools.product(
+        (0.0, 0.9), (False, True), (0.0, 0.1), (False, True)
+    )
 ]
 
 
@@ -76,6 +93,30 @@ def torch_sgd(options, **kwargs):
     return lambda params: torch.optim.SGD(params, lr=LR, **options, **kwargs)
 
 
+def fusedopt_adagrad(options, **kwargs):
+    return lambda params: fusedopt.Adagrad(params, lr=LR, **options, **kwargs)
+
+
+def torch_adagrad(options, **kwargs):
+    return lambda params: torch.optim.Adagrad(params, lr=LR, **options, **kwargs)
+
+
+def fusedopt_rmsprop(options, **kwargs):
+    return lambda params: fusedopt.RMSprop(params, lr=LR, **options, **kwargs)
+
+
+def torch_rmsprop(options, **kwargs):
+    return lambda params: torch.optim.RMSprop(params, lr=LR, **options, **kwargs)
+
+
+ADAPTIVE = {  # name: (options, fusedopt factory, torch factory)
+    "adagrad": (ADAGRAD_OPTIONS, fusedopt_adagrad, torch_adagrad),
+    "rmsprop": (RMSPROP_OPTIONS, fusedopt_rmsprop, torch_rmsprop),
+}
+ADAPTIVE_CASES = [(name, options) for name, (table, _, _) in ADAPTIVE.items() for options in table]
+ADAPTIVE_IDS = [f"{name}-{option_id(options)}" for name, options in ADAPTIVE_CASES]
+
+
 def assert_bitwise_equal(actual, expected):
     for index, (a, e) in enumerate(zip(actual, expected)):
         assert a.dtype == e.dtype and a.shape == e.shape
@@ -110,6 +151,24 @@ def test_sgdw_kernel_matches_reference_bitwise(dtype, options):
     spec, spec_opt = run_steps(fusedopt_sgdw(options, backend="reference"), initial, grads)
     assert_bitwise_equal(kernel, spec)
     assert_states_bitwise_equal(kernel_opt, spec_opt)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES + (torch.complex64,), ids=str)
+@pytest.mark.parametrize("name,options", ADAPTIVE_CASES, ids=ADAPTIVE_IDS)
+def test_adagrad_and_rmsprop_kernels_match_reference_bitwise(name, options, dtype):
+    _, ours, _ = ADAPTIVE[name]
+    if dtype == torch.complex64:  # complex params step as pairs of reals
+        initial = [torch.view_as_complex(p) for p in make_params([s + (2,) for s in SHAPES], torch.float32, seed=8)]
+        grads = [[torch.view_as_complex(g) for g in step]
+                 for step in make_grads([s + (2,) for s in SHAPES], torch.float32, STEPS, seed=8)]
+    else:
+        initial, grads = make_params(SHAPES, dtype, seed=8), make_grads(SHAPES, dtype, STEPS, seed=8)
+    kernel, kernel_opt = run_steps(ours(options, backend="kernel"), initial, grads)
+    spec, spec_opt = run_steps(ours(options, backend="reference"), initial, grads)
+    assert_bitwise_equal(kernel, spec)
+    assert_states_bitwise_equal(kernel_opt, spec_opt)
+    # The largest tensor moved (a decayed bf16 step may leave a single element unchanged).
+    assert not torch.equal(kernel[-1], initial[-1])
 
 
 def test_many_small_tensors_and_mixed_dtypes_in_one_group_match_reference():
@@ -178,23 +237,83 @@ def test_sgdw_without_decay_fp32_matches_torch_sgd(options):
             )
 
 
+def float64_trajectory(make_reference, initial, grads, shift=0.0):
+    """Final params of the float64 reference trajectory from `initial` + `shift`, and the
+    largest |p_t - p_(t-1)| of any element along it."""
+    params = [torch.nn.Parameter(p.detach().to(torch.float64) + shift) for p in initial]
+    optimizer = make_reference(params)
+    largest = 0.0
+    for step in grads:
+        before = [p.detach().clone() for p in params]
+        for param, grad in zip(params, step):
+            param.grad = grad.to(torch.float64)
+        optimizer.step()
+        largest = max([largest] + [(p.detach() - b).abs().max().item()
+                                   for p, b in zip(params, before) if p.numel()])
+    return [p.detach() for p in params], largest
+
+
+def adaptive_fp32_tolerances(make_reference, initial, grads):
+    """Per element: the trajectory rule's bound, with max|update| measured on the exact
+    (float64) trajectory, times how much the trajectory amplifies a difference in the
+    params (at least 1).
+
+    Both are properties of the problem, not of either implementation. RMSprop's update
+    has no bound in lr alone when centered (v - grad_avg^2 can be small next to g^2).
+    With weight decay an element's update depends on its param, by lr * wd / avg per
+    step, and momentum sums that dependence over 1 / (1 - momentum) steps: a rounding
+    difference early on can grow. The growth is measured by stepping the float64
+    reference from params shifted by 1e-9 * max|p| (small enough to stay linear, far
+    above float64 rounding)."""
+    final, largest = float64_trajectory(make_reference, initial, grads)
+    scale = max(p.abs().max().item() for p in initial if p.numel())
+    shift = 1e-9 * scale
+    shifted, _ = float64_trajectory(make_reference, initial, grads, shift)
+    rule = fp32_trajectory_atol(initial, largest)
+    return [rule * ((b - a).abs() / shift).clamp(min=1.0) for a, b in zip(final, shifted)]
+
+
+@pytest.mark.parametrize("name,options", ADAPTIVE_CASES, ids=ADAPTIVE_IDS)
+def test_adagrad_and_rmsprop_fp32_match_torch_optim(name, options):
+    _, ours, theirs = ADAPTIVE[name]
+    initial = make_params(SHAPES, torch.float32, seed=9)
+    grads = make_grads(SHAPES, torch.float32, STEPS, seed=9)
+    mine, mine_opt = run_steps(ours(options), initial, grads)
+    torchs, torch_opt = run_steps(theirs(options, foreach=False), initial, grads)
+    tolerances = adaptive_fp32_tolerances(ours(options, backend="reference"), initial, grads)
+    for index, (a, b, tolerance) in enumerate(zip(mine, torchs, tolerances)):
+        excess = (a.double() - b.double()).abs() - tolerance
+        assert not (excess > 0).any(), f"tensor {index}: max excess over tolerance {excess.max().item()}"
+    for a, b in zip(mine_opt.state.values(), torch_opt.state.values()):
+        assert a.keys() == b.keys() and a["step"] == b["step"] == STEPS
+
+
 # -- every dtype against a float64 oracle, next to torch's own error ---------------------
 ORACLE_CASES = [
     ("adamw", dict(decoupled=True, weight_decay=0.1, amsgrad=False, maximize=False)),
     ("adam-l2-amsgrad", dict(decoupled=False, weight_decay=0.1, amsgrad=True, maximize=True)),
     ("sgd-momentum", dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, maximize=False)),
+    ("adagrad", dict(lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.1, maximize=False)),
+    ("rmsprop-centered-momentum", dict(momentum=0.9, centered=True, weight_decay=0.1, maximize=True)),
 ]
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("name,options", ORACLE_CASES, ids=[c[0] for c in ORACLE_CASES])
 def test_error_against_float64_oracle_is_at_most_twice_torch_fused(dtype, name, options):
+    """Against torch's fused implementation, or for RMSprop, which has none, its foreach one."""
     shapes = [(257,), (64, 33), (4099,)]
     initial = make_params(shapes, dtype, seed=7)
     grads = make_grads(shapes, dtype, STEPS, seed=7)
     if name.startswith("sgd"):
         ours_factory, torch_factory = fusedopt_sgdw(options), torch_sgd(options, fused=True)
         oracle_factory = fusedopt_sgdw(options, backend="reference")
+    elif name.startswith("adagrad"):
+        ours_factory, torch_factory = fusedopt_adagrad(options), torch_adagrad(options, fused=True)
+        oracle_factory = fusedopt_adagrad(options, backend="reference")
+    elif name.startswith("rmsprop"):  # torch.optim.RMSprop has no fused path: its fastest
+        ours_factory, torch_factory = fusedopt_rmsprop(options), torch_rmsprop(options, foreach=True)
+        oracle_factory = fusedopt_rmsprop(options, backend="reference")
     else:
         ours_factory, torch_factory = fusedopt_adam(options), torch_adam(options, fused=True)
         oracle_factory = fusedopt_adam(options, backend="reference")

@@ -107,6 +107,31 @@ def sgdw_configs(draw):
     )
 
 
+adagrad_configs = st.fixed_dictionaries(
+    dict(
+        lr=st.floats(0.0, 1.0),
+        lr_decay=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+        weight_decay=weight_decays,
+        initial_accumulator_value=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+        eps=st.floats(0.0, 1e-2),
+        maximize=st.booleans(),
+    )
+)
+
+# momentum exactly 0 selects the kernel without a buffer.
+rmsprop_configs = st.fixed_dictionaries(
+    dict(
+        lr=st.floats(0.0, 1.0),
+        alpha=st.floats(0.0, 0.9999),
+        eps=st.floats(0.0, 1e-2),
+        weight_decay=weight_decays,
+        momentum=st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
+        centered=st.booleans(),
+        maximize=st.booleans(),
+    )
+)
+
+
 def make_adam(config, backend):
     config = dict(config)
     cls = fusedopt.AdamW if config.pop("decoupled") else fusedopt.Adam
@@ -115,6 +140,14 @@ def make_adam(config, backend):
 
 def make_sgdw(config, backend):
     return lambda params: fusedopt.SGDW(params, **config, backend=backend)
+
+
+def make_adagrad(config, backend):
+    return lambda params: fusedopt.Adagrad(params, **config, backend=backend)
+
+
+def make_rmsprop(config, backend):
+    return lambda params: fusedopt.RMSprop(params, **config, backend=backend)
 
 
 def assert_same_bits(actual, expected, what):
@@ -161,3 +194,17 @@ def test_adam_kernel_matches_reference_bitwise(device, problem, config):
 @given(problem=problems(), config=sgdw_configs())
 def test_sgdw_kernel_matches_reference_bitwise(device, problem, config):
     assert_kernel_matches_reference(lambda backend: make_sgdw(config, backend), problem, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@PROPERTY_SETTINGS
+@given(problem=problems(), config=adagrad_configs)
+def test_adagrad_kernel_matches_reference_bitwise(device, problem, config):
+    assert_kernel_matches_reference(lambda backend: make_adagrad(config, backend), problem, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@PROPERTY_SETTINGS
+@given(problem=problems(), config=rmsprop_configs)
+def test_rmsprop_kernel_matches_reference_bitwise(device, problem, config):
+    assert_kernel_matches_reference(lambda backend: make_rmsprop(config, backend), problem, device)

@@ -40,4 +40,5 @@ def test_a_kernel_that_differs_from_the_reference_fails_the_self_test(monkeypatc
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert failed and all("SGDW" in line and "differ from the reference" in line for line in failed)
-    assert all("Adam" in line for line in out.splitlines() if line.startswith("ok"))
+    passed = [line for line in out.splitlines() if line.startswith("ok")]
+    assert passed and not any("SGDW" in line for line in passed)

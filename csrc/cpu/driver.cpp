@@ -132,6 +132,34 @@ void sgdw_step(const SgdwStepArgs& args, int num_threads) {
   run(plan_work(args.numels), num_threads, kernel_args, kernel);
 }
 
+void adagrad_step(const AdagradStepArgs& args, int num_threads) {
+  check_parallel_runtime();
+  check_lists(args);
+  const AdagradChunkKernel kernel =
+      table().adagrad({args.dtype, args.grad_dtype, args.state_dtype, MasterWeights::kNone},
+                      args.weight_decay != 0.0, args.maximize);
+  const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
+  const std::vector<AdagradScalars> scalars = advance_adagrad_steps(args);
+  const AdagradKernelArgs kernel_args{as_pointers(args.params), as_pointers(args.grads),
+                                      as_pointers(args.sums), scalars.data()};
+  run(plan, num_threads, kernel_args, kernel);
+}
+
+void rmsprop_step(const RmspropStepArgs& args, int num_threads) {
+  check_parallel_runtime();
+  check_lists(args);
+  const RmspropChunkKernel kernel =
+      table().rmsprop({args.dtype, args.grad_dtype, args.state_dtype, MasterWeights::kNone},
+                      args.weight_decay != 0.0, args.centered, args.has_momentum_buffer(),
+                      args.maximize);
+  const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
+  advance_rmsprop_steps(args);
+  const RmspropKernelArgs kernel_args{as_pointers(args.params),       as_pointers(args.grads),
+                                      as_pointers(args.square_avgs),  as_pointers(args.momentum_buffers),
+                                      as_pointers(args.grad_avgs),    rmsprop_scalars(args)};
+  run(plan, num_threads, kernel_args, kernel);
+}
+
 std::string active_isa() { return table().isa; }
 
 std::vector<std::string> compiled_isas() {

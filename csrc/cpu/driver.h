@@ -10,6 +10,8 @@ namespace fusedopt::cpu {
 
 void adam_step(const AdamStepArgs& args, int num_threads);
 void sgdw_step(const SgdwStepArgs& args, int num_threads);
+void adagrad_step(const AdagradStepArgs& args, int num_threads);
+void rmsprop_step(const RmspropStepArgs& args, int num_threads);
 
 // The instruction set whose kernels this process uses, and those compiled in.
 std::string active_isa();

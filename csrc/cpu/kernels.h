@@ -31,8 +31,26 @@ struct SgdwKernelArgs {
   SgdScalars scalars;
 };
 
+struct AdagradKernelArgs {
+  void* const* params;
+  void* const* grads;
+  void* const* sums;
+  const AdagradScalars* scalars;  // per tensor
+};
+
+struct RmspropKernelArgs {
+  void* const* params;
+  void* const* grads;
+  void* const* square_avgs;
+  void* const* momentum_buffers;  // null when momentum == 0
+  void* const* grad_avgs;         // null unless centered
+  RmspropScalars scalars;
+};
+
 using AdamChunkKernel = void (*)(const AdamKernelArgs&, const Chunk&);
 using SgdwChunkKernel = void (*)(const SgdwKernelArgs&, const Chunk&);
+using AdagradChunkKernel = void (*)(const AdagradKernelArgs&, const Chunk&);
+using RmspropChunkKernel = void (*)(const RmspropKernelArgs&, const Chunk&);
 
 // The storage types of a call's params, grads and states, and its master weights
 // (NOTE: [precision]).
@@ -49,6 +67,9 @@ struct KernelTable {
                           bool maximize);
   SgdwChunkKernel (*sgdw)(const Precision& precision, bool decoupled_decay, Momentum momentum,
                           bool nesterov, bool maximize);
+  AdagradChunkKernel (*adagrad)(const Precision& precision, bool weight_decay, bool maximize);
+  RmspropChunkKernel (*rmsprop)(const Precision& precision, bool weight_decay, bool centered,
+                                bool momentum, bool maximize);
 };
 
 // Defined by kernels_impl.h, once per ISA translation unit.

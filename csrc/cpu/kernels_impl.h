@@ -82,6 +82,50 @@ void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
   }
 }
 
+template <typename ParamT, typename GradT, typename StateT, bool kWeightDecay, bool kMaximize>
+void adagrad_chunk(const AdagradKernelArgs& args, const Chunk& chunk) {
+  const int64_t t = chunk.tensor;
+  ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
+  const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
+  StateT* __restrict sum = static_cast<StateT*>(args.sums[t]) + chunk.begin;
+  const AdagradScalars scalars = args.scalars[t];
+  const int64_t n = chunk.end - chunk.begin;
+  for (int64_t i = 0; i < n; ++i) {
+    float p = to_float(param[i]);
+    float s = to_float(sum[i]);
+    adagrad_update<kWeightDecay, kMaximize>(p, to_float(grad[i]), s, scalars);
+    param[i] = from_float<ParamT>(p);
+    sum[i] = from_float<StateT>(s);
+  }
+}
+
+template <typename ParamT, typename GradT, typename StateT, bool kWeightDecay, bool kCentered,
+          bool kMomentum, bool kMaximize>
+void rmsprop_chunk(const RmspropKernelArgs& args, const Chunk& chunk) {
+  const int64_t t = chunk.tensor;
+  ParamT* __restrict param = static_cast<ParamT*>(args.params[t]) + chunk.begin;
+  const GradT* __restrict grad = static_cast<const GradT*>(args.grads[t]) + chunk.begin;
+  StateT* __restrict square_avg = static_cast<StateT*>(args.square_avgs[t]) + chunk.begin;
+  StateT* __restrict buffer = slice<StateT, kMomentum>(args.momentum_buffers, chunk);
+  StateT* __restrict grad_avg = slice<StateT, kCentered>(args.grad_avgs, chunk);
+  const RmspropScalars scalars = args.scalars;
+  const int64_t n = chunk.end - chunk.begin;
+  for (int64_t i = 0; i < n; ++i) {
+    float p = to_float(param[i]);
+    float v = to_float(square_avg[i]);
+    float b = 0.0f;
+    float m = 0.0f;
+    if constexpr (kMomentum) b = to_float(buffer[i]);
+    if constexpr (kCentered) m = to_float(grad_avg[i]);
+    rmsprop_update<kWeightDecay, kCentered, kMomentum, kMaximize>(p, to_float(grad[i]), v, b, m,
+                                                                   scalars);
+    param[i] = from_float<ParamT>(p);
+    square_avg[i] = from_float<StateT>(v);
+    if constexpr (kMomentum) buffer[i] = from_float<StateT>(b);
+    if constexpr (kCentered) grad_avg[i] = from_float<StateT>(m);
+  }
+}
+
 AdamChunkKernel select_adam(const Precision& precision, WeightDecay decay, bool amsgrad,
                             bool maximize) {
   return with_precision(precision.param, precision.grad, precision.state, precision.master,
@@ -121,10 +165,45 @@ SgdwChunkKernel select_sgdw(const Precision& precision, bool decoupled_decay, Mo
   });
 }
 
+AdagradChunkKernel select_adagrad(const Precision& precision, bool weight_decay, bool maximize) {
+  return with_precision(precision.param, precision.grad, precision.state, MasterWeights::kNone,
+                        [&](auto param, auto grad, auto state, auto) {
+    using P = typename decltype(param)::type;
+    using G = typename decltype(grad)::type;
+    using S = typename decltype(state)::type;
+    return with_bool(weight_decay, [&](auto kDecay) {
+      return with_bool(maximize, [&](auto kMaximize) -> AdagradChunkKernel {
+        return &adagrad_chunk<P, G, S, kDecay.value, kMaximize.value>;
+      });
+    });
+  });
+}
+
+RmspropChunkKernel select_rmsprop(const Precision& precision, bool weight_decay, bool centered,
+                                  bool momentum, bool maximize) {
+  return with_precision(precision.param, precision.grad, precision.state, MasterWeights::kNone,
+                        [&](auto param, auto grad, auto state, auto) {
+    using P = typename decltype(param)::type;
+    using G = typename decltype(grad)::type;
+    using S = typename decltype(state)::type;
+    return with_bool(weight_decay, [&](auto kDecay) {
+      return with_bool(centered, [&](auto kCentered) {
+        return with_bool(momentum, [&](auto kMomentum) {
+          return with_bool(maximize, [&](auto kMaximize) -> RmspropChunkKernel {
+            return &rmsprop_chunk<P, G, S, kDecay.value, kCentered.value, kMomentum.value,
+                                  kMaximize.value>;
+          });
+        });
+      });
+    });
+  });
+}
+
 #define FUSEDOPT_STRINGIFY_(x) #x
 #define FUSEDOPT_STRINGIFY(x) FUSEDOPT_STRINGIFY_(x)
 
-constexpr KernelTable kTable{FUSEDOPT_STRINGIFY(FUSEDOPT_CPU_ISA), &select_adam, &select_sgdw};
+constexpr KernelTable kTable{FUSEDOPT_STRINGIFY(FUSEDOPT_CPU_ISA), &select_adam, &select_sgdw,
+                             &select_adagrad, &select_rmsprop};
 
 }  // namespace
 

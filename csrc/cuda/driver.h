@@ -16,6 +16,8 @@ LaunchCapacity launch_capacity(int num_lists);
 
 void adam_step(const AdamStepArgs& args, int device, uintptr_t stream);
 void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream);
+void adagrad_step(const AdagradStepArgs& args, int device, uintptr_t stream);
+void rmsprop_step(const RmspropStepArgs& args, int device, uintptr_t stream);
 
 // Number of CUDA devices the runtime sees; 0 without a driver.
 int device_count();

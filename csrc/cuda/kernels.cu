@@ -29,13 +29,13 @@ constexpr int kMaxTensors = 256;
 // Kernel parameters may take 32,764 bytes (CUDA 12.1+, Volta and newer).
 constexpr int kParamBytes = 32000;
 
-// Room for each tensor's own scalars, whatever the kernel keeps there: a launch's
-// capacity then depends on its number of lists only.
+// Every table keeps room for the largest per-tensor scalars of any kernel (Adam's),
+// so that a launch's capacity depends on its number of lists alone.
 constexpr int kTensorScalarBytes = 8;
 
 template <int kNumLists, typename TensorScalars>
 struct LaunchTable {
-  static_assert(sizeof(TensorScalars) <= kTensorScalarBytes, "per-tensor scalars outgrow the table");
+  static_assert(sizeof(TensorScalars) <= kTensorScalarBytes, "per-tensor scalars exceed their room");
   static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + kTensorScalarBytes;
   static constexpr int kMaxChunks = (kParamBytes - 256 - kMaxTensors * kPerTensorBytes) / 8;
 
@@ -50,6 +50,10 @@ struct LaunchTable {
 struct AdamTensorScalars {
   float step_size;
   float bias_correction2_sqrt;
+};
+// Per-tensor part of the Adagrad scalars: the learning rate decayed by the step count.
+struct AdagradTensorScalars {
+  float lr;
 };
 struct NoTensorScalars {};
 
@@ -205,17 +209,17 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
   }
 }
 
-// The chunk this block owns: its tensor's pointers advanced to the chunk start.
-template <int kNumLists, typename TensorScalars>
+// The chunk this block owns: its tensor's pointers advanced to the chunk start, each
+// list by its own element size.
+template <typename Types, int kNumLists, typename TensorScalars>
 __device__ __forceinline__ int64_t locate_chunk(const LaunchTable<kNumLists, TensorScalars>& table,
-                                                void* (&pointers)[kNumLists], int& slot,
-                                                int64_t element_bytes[kNumLists]) {
+                                                void* (&pointers)[kNumLists], int& slot) {
   slot = table.chunk_slots[blockIdx.x];
   const int64_t chunk = chunk_elements();
   const int64_t begin = static_cast<int64_t>(table.chunk_indices[blockIdx.x]) * chunk;
 #pragma unroll
   for (int l = 0; l < kNumLists; ++l) {
-    pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * element_bytes[l];
+    pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * Types::bytes(l);
   }
   const int64_t remaining = table.numels[slot] - begin;
   return remaining < chunk ? remaining : chunk;
@@ -250,12 +254,9 @@ __global__ void __launch_bounds__(kBlockThreads)
                 const AdamScalars shared) {
   constexpr int kNumLists = num_lists<MasterT, kAmsgrad ? 3 : 2>();
   using Types = ListTypes<ParamT, GradT, StateT, MasterT, kNumLists>;
-  int64_t element_bytes[kNumLists];
-#pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = Types::bytes(l);
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  const int64_t n = locate_chunk<Types>(table, pointers, slot);
   AdamScalars scalars = shared;
   scalars.step_size = table.tensor_scalars[slot].step_size;
   scalars.bias_correction2_sqrt = table.tensor_scalars[slot].bias_correction2_sqrt;
@@ -277,12 +278,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   constexpr bool kHasBuffer = kMomentum != Momentum::kNone;
   constexpr int kNumLists = num_lists<MasterT, kHasBuffer ? 1 : 0>();
   using Types = ListTypes<ParamT, GradT, StateT, MasterT, kNumLists>;
-  int64_t element_bytes[kNumLists];
-#pragma unroll
-  for (int l = 0; l < kNumLists; ++l) element_bytes[l] = Types::bytes(l);
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk(table, pointers, slot, element_bytes);
+  const int64_t n = locate_chunk<Types>(table, pointers, slot);
   // The first step creates the momentum buffer (list 2) from the gradient: it is written only.
   constexpr unsigned kWriteOnlyLists = kMomentum == Momentum::kFirstStep ? 1u << 2 : 0u;
   update_chunk<Types, kNumLists, kWriteOnlyLists>(pointers, n, [&](float (&v)[kNumLists]) {
@@ -291,6 +289,48 @@ __global__ void __launch_bounds__(kBlockThreads)
       sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(
           param, v[1], kHasBuffer ? v[2] : unused_buffer, scalars);
     });
+  });
+}
+
+template <typename ParamT, typename GradT, typename StateT, bool kWeightDecay, bool kMaximize>
+__global__ void __launch_bounds__(kBlockThreads)
+    adagrad_kernel(const __grid_constant__ LaunchTable<3, AdagradTensorScalars> table,
+                   const AdagradScalars shared) {
+  using Types = ListTypes<ParamT, GradT, StateT, NoMaster, 3>;
+  void* pointers[3];
+  int slot;
+  const int64_t n = locate_chunk<Types>(table, pointers, slot);
+  AdagradScalars scalars = shared;
+  scalars.lr = table.tensor_scalars[slot].lr;
+  update_chunk<Types, 3, 0u>(pointers, n, [&](float (&v)[3]) {
+    adagrad_update<kWeightDecay, kMaximize>(v[0], v[1], v[2], scalars);
+  });
+}
+
+// Lists: param, grad, square_avg, then momentum_buffer and grad_avg where present.
+template <bool kCentered, bool kMomentum>
+__host__ __device__ constexpr int rmsprop_lists() {
+  return 3 + (kMomentum ? 1 : 0) + (kCentered ? 1 : 0);
+}
+
+template <typename ParamT, typename GradT, typename StateT, bool kWeightDecay, bool kCentered,
+          bool kMomentum, bool kMaximize>
+__global__ void __launch_bounds__(kBlockThreads)
+    rmsprop_kernel(const __grid_constant__ LaunchTable<rmsprop_lists<kCentered, kMomentum>(),
+                                                       NoTensorScalars> table,
+                   const RmspropScalars scalars) {
+  constexpr int kNumLists = rmsprop_lists<kCentered, kMomentum>();
+  using Types = ListTypes<ParamT, GradT, StateT, NoMaster, kNumLists>;
+  void* pointers[kNumLists];
+  int slot;
+  const int64_t n = locate_chunk<Types>(table, pointers, slot);
+  constexpr int kBufferList = kMomentum ? 3 : 0;  // 0: any valid index, never used then
+  update_chunk<Types, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
+    float unused_buffer = 0.0f;
+    float unused_grad_avg = 0.0f;
+    rmsprop_update<kWeightDecay, kCentered, kMomentum, kMaximize>(
+        v[0], v[1], v[2], kMomentum ? v[kBufferList] : unused_buffer,
+        kCentered ? v[kNumLists - 1] : unused_grad_avg, scalars);
   });
 }
 
@@ -334,7 +374,7 @@ void refuse_graph_capture(cudaStream_t stream) {
   }
 }
 
-// Puts the Adam step counters back as they were unless commit() is called: they are
+// Puts the step counters back as they were unless commit() is called: they are
 // advanced (on the host) before the launches, and a call that raises must change nothing.
 class StepCounterRollback {
  public:
@@ -418,77 +458,152 @@ LaunchCapacity launch_capacity(int num_lists) {
   throw std::invalid_argument("launch tables hold 2 to 6 lists");
 }
 
-void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
+namespace {
+
+// What every launcher does before anything is written: check the pointer lists, plan
+// the launches, make `device` current and refuse a capturing stream. Then
+// `launch(plans, stream)` runs while the device is current.
+template <typename Args, typename Launch>
+void prepare_and_launch(const Args& args, int num_lists, int device, uintptr_t stream,
+                        Launch launch) {
   check_lists(args);
-  const bool has_master = args.master != MasterWeights::kNone;
-  const std::vector<LaunchPlan> plans = plan_launches(
-      args.numels, chunk_elements(), launch_capacity((args.amsgrad ? 5 : 4) + (has_master ? 1 : 0)));
+  const std::vector<LaunchPlan> plans =
+      plan_launches(args.numels, chunk_elements(), launch_capacity(num_lists));
   DeviceGuard guard(device);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   refuse_graph_capture(cuda_stream);
-  StepCounterRollback rollback(args.steps);
-  const std::vector<AdamScalars> scalars = advance_adam_steps(args);
-  const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
-  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
-                                                   &args.exp_avg_sqs};
-  if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
-  if (has_master) lists.push_back(&args.masters);
-  auto tensor_scalars_of = [&](int64_t t) {
-    return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
-  };
-  with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
-                 [&](auto param, auto grad, auto state, auto master) {
-    using P = typename decltype(param)::type;
-    using G = typename decltype(grad)::type;
-    using S = typename decltype(state)::type;
-    using M = typename decltype(master)::type;
-    with_weight_decay(args.decay, [&](auto decay) {
-      with_bool(args.amsgrad, [&](auto amsgrad) {
-        with_bool(args.maximize, [&](auto maximize) {
-          launch_all<LaunchTable<num_lists<M, amsgrad.value ? 3 : 2>(), AdamTensorScalars>>(
-              plans, lists, args.numels,
-              adam_kernel<P, G, S, M, decay.value, amsgrad.value, maximize.value>, shared,
-              tensor_scalars_of, cuda_stream);
-        });
-      });
-    });
-  });
-  rollback.commit();
+  launch(plans, cuda_stream);
 }
 
-void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
-  check_lists(args);
-  const bool has_buffer = args.momentum_mode != Momentum::kNone;
+using Plans = std::vector<LaunchPlan>;
+
+}  // namespace
+
+void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   const bool has_master = args.master != MasterWeights::kNone;
-  const std::vector<LaunchPlan> plans = plan_launches(
-      args.numels, chunk_elements(), launch_capacity(2 + (has_buffer ? 1 : 0) + (has_master ? 1 : 0)));
-  DeviceGuard guard(device);
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  refuse_graph_capture(cuda_stream);
-  const SgdScalars scalars = sgdw_scalars(args);
-  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
-  if (has_buffer) lists.push_back(&args.momentum_buffers);
-  if (has_master) lists.push_back(&args.masters);
-  auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
-  with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
-                 [&](auto param, auto grad, auto state, auto master) {
-    using P = typename decltype(param)::type;
-    using G = typename decltype(grad)::type;
-    using S = typename decltype(state)::type;
-    using M = typename decltype(master)::type;
-    with_bool(args.weight_decay != 0.0, [&](auto decay) {
-      with_momentum(args.momentum_mode, [&](auto momentum) {
-        with_bool(args.nesterov, [&](auto nesterov) {
+  const int lists_count = (args.amsgrad ? 5 : 4) + (has_master ? 1 : 0);
+  prepare_and_launch(args, lists_count, device, stream, [&](const Plans& plans,
+                                                             cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    const std::vector<AdamScalars> scalars = advance_adam_steps(args);
+    const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
+    std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
+                                                     &args.exp_avg_sqs};
+    if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
+    if (has_master) lists.push_back(&args.masters);
+    auto tensor_scalars_of = [&](int64_t t) {
+      return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
+    };
+    with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
+                   [&](auto param, auto grad, auto state, auto master) {
+      using P = typename decltype(param)::type;
+      using G = typename decltype(grad)::type;
+      using S = typename decltype(state)::type;
+      using M = typename decltype(master)::type;
+      with_weight_decay(args.decay, [&](auto decay) {
+        with_bool(args.amsgrad, [&](auto amsgrad) {
           with_bool(args.maximize, [&](auto maximize) {
-            constexpr int kNumLists = num_lists<M, momentum.value == Momentum::kNone ? 0 : 1>();
-            launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+            launch_all<LaunchTable<num_lists<M, amsgrad.value ? 3 : 2>(), AdamTensorScalars>>(
                 plans, lists, args.numels,
-                sgdw_kernel<P, G, S, M, decay.value, momentum.value, nesterov.value, maximize.value>,
-                scalars, no_tensor_scalars, cuda_stream);
+                adam_kernel<P, G, S, M, decay.value, amsgrad.value, maximize.value>, shared,
+                tensor_scalars_of, cuda_stream);
           });
         });
       });
     });
+    rollback.commit();
+  });
+}
+
+void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
+  const bool has_buffer = args.momentum_mode != Momentum::kNone;
+  const bool has_master = args.master != MasterWeights::kNone;
+  const int lists_count = 2 + (has_buffer ? 1 : 0) + (has_master ? 1 : 0);
+  prepare_and_launch(args, lists_count, device, stream, [&](const Plans& plans,
+                                                             cudaStream_t cuda_stream) {
+    const SgdScalars scalars = sgdw_scalars(args);
+    std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
+    if (has_buffer) lists.push_back(&args.momentum_buffers);
+    if (has_master) lists.push_back(&args.masters);
+    auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+    with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
+                   [&](auto param, auto grad, auto state, auto master) {
+      using P = typename decltype(param)::type;
+      using G = typename decltype(grad)::type;
+      using S = typename decltype(state)::type;
+      using M = typename decltype(master)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_momentum(args.momentum_mode, [&](auto momentum) {
+          with_bool(args.nesterov, [&](auto nesterov) {
+            with_bool(args.maximize, [&](auto maximize) {
+              constexpr int kNumLists = num_lists<M, momentum.value == Momentum::kNone ? 0 : 1>();
+              launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+                  plans, lists, args.numels,
+                  sgdw_kernel<P, G, S, M, decay.value, momentum.value, nesterov.value, maximize.value>,
+                  scalars, no_tensor_scalars, cuda_stream);
+            });
+          });
+        });
+      });
+    });
+  });
+}
+
+void adagrad_step(const AdagradStepArgs& args, int device, uintptr_t stream) {
+  prepare_and_launch(args, 3, device, stream, [&](const Plans& plans, cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    const std::vector<AdagradScalars> scalars = advance_adagrad_steps(args);
+    const AdagradScalars shared = scalars.empty() ? AdagradScalars{} : scalars[0];
+    const std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.sums};
+    auto tensor_scalars_of = [&](int64_t t) { return AdagradTensorScalars{scalars[t].lr}; };
+    with_precision(args.dtype, args.grad_dtype, args.state_dtype, MasterWeights::kNone,
+                   [&](auto param, auto grad, auto state, auto) {
+      using P = typename decltype(param)::type;
+      using G = typename decltype(grad)::type;
+      using S = typename decltype(state)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_bool(args.maximize, [&](auto maximize) {
+          launch_all<LaunchTable<3, AdagradTensorScalars>>(
+              plans, lists, args.numels, adagrad_kernel<P, G, S, decay.value, maximize.value>,
+              shared, tensor_scalars_of, cuda_stream);
+        });
+      });
+    });
+    rollback.commit();
+  });
+}
+
+void rmsprop_step(const RmspropStepArgs& args, int device, uintptr_t stream) {
+  std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.square_avgs};
+  if (args.has_momentum_buffer()) lists.push_back(&args.momentum_buffers);
+  if (args.centered) lists.push_back(&args.grad_avgs);
+  prepare_and_launch(args, static_cast<int>(lists.size()), device, stream,
+                     [&](const Plans& plans, cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    advance_rmsprop_steps(args);
+    const RmspropScalars scalars = rmsprop_scalars(args);
+    auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+    with_precision(args.dtype, args.grad_dtype, args.state_dtype, MasterWeights::kNone,
+                   [&](auto param, auto grad, auto state, auto) {
+      using P = typename decltype(param)::type;
+      using G = typename decltype(grad)::type;
+      using S = typename decltype(state)::type;
+      with_bool(args.weight_decay != 0.0, [&](auto decay) {
+        with_bool(args.centered, [&](auto centered) {
+          with_bool(args.has_momentum_buffer(), [&](auto momentum) {
+            with_bool(args.maximize, [&](auto maximize) {
+              constexpr int kNumLists = rmsprop_lists<centered.value, momentum.value>();
+              launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+                  plans, lists, args.numels,
+                  rmsprop_kernel<P, G, S, decay.value, centered.value, momentum.value,
+                                 maximize.value>,
+                  scalars, no_tensor_scalars, cuda_stream);
+            });
+          });
+        });
+      });
+    });
+    rollback.commit();
   });
 }
 

@@ -71,4 +71,45 @@ void check_lists(const SgdwStepArgs& args);
 // whole number >= 0.
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args);
 
+struct AdagradStepArgs {
+  std::vector<uintptr_t> params;
+  std::vector<uintptr_t> grads;
+  std::vector<uintptr_t> sums;
+  std::vector<uintptr_t> steps;  // fp32 step counters in host memory, incremented here
+  std::vector<int64_t> numels;
+  ScalarType dtype = ScalarType::kFloat32;
+  ScalarType grad_dtype = ScalarType::kFloat32;  // as in AdamStepArgs
+  ScalarType state_dtype = ScalarType::kFloat32;
+  double lr = 0, lr_decay = 0, eps = 0, weight_decay = 0;
+  bool maximize = false;
+};
+
+struct RmspropStepArgs {
+  std::vector<uintptr_t> params;
+  std::vector<uintptr_t> grads;
+  std::vector<uintptr_t> square_avgs;
+  std::vector<uintptr_t> momentum_buffers;  // empty when momentum == 0
+  std::vector<uintptr_t> grad_avgs;         // empty unless centered
+  std::vector<uintptr_t> steps;             // fp32 step counters in host memory, incremented here
+  std::vector<int64_t> numels;
+  ScalarType dtype = ScalarType::kFloat32;
+  ScalarType grad_dtype = ScalarType::kFloat32;  // as in AdamStepArgs
+  ScalarType state_dtype = ScalarType::kFloat32;
+  double lr = 0, alpha = 0, eps = 0, weight_decay = 0, momentum = 0;
+  bool centered = false;
+  bool maximize = false;
+  bool has_momentum_buffer() const { return momentum != 0.0; }
+};
+
+// Adagrad's scalars for the tensor's step count t (after the increment).
+AdagradScalars adagrad_scalars(const AdagradStepArgs& args, double step);
+RmspropScalars rmsprop_scalars(const RmspropStepArgs& args);
+void check_lists(const AdagradStepArgs& args);
+void check_lists(const RmspropStepArgs& args);
+
+// As advance_adam_steps: every counter checked before any is incremented. Adagrad's
+// scalars carry each tensor's decayed learning rate; RMSprop's math needs no count.
+std::vector<AdagradScalars> advance_adagrad_steps(const AdagradStepArgs& args);
+void advance_rmsprop_steps(const RmspropStepArgs& args);
+
 }  // namespace fusedopt

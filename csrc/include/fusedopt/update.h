@@ -1,5 +1,5 @@
-// The per-element update rules of every optimizer: the one place where the math
-// lives, shared by the CPU kernels and the CUDA kernels.
+// The per-element update rules of every optimizer (Adam, SGDW, Adagrad, RMSprop): the
+// one place where the math lives, shared by the CPU kernels and the CUDA kernels.
 //
 // Each rule works on fp32 values already loaded from storage. Optimizer modes are
 // template parameters, so a kernel instantiation carries no per-element branch.
@@ -99,6 +99,59 @@ FUSEDOPT_HOST_DEVICE void sgdw_update(float& param, float grad, float& momentum_
     direction = kNesterov ? grad + s.momentum * momentum_buffer : momentum_buffer;
   }
   param = param - s.lr * direction;
+}
+
+// Scalars of one Adagrad step; `lr` is the tensor's decayed rate
+// lr / (1 + (t - 1) * lr_decay), derived on the host from its step count t.
+struct AdagradScalars {
+  float lr;
+  float eps;
+  float weight_decay;  // L2 coefficient, used when kWeightDecay
+};
+
+// Adagrad (Duchi, Hazan & Singer) with L2 weight decay, as torch.optim.Adagrad.
+template <bool kWeightDecay, bool kMaximize>
+FUSEDOPT_HOST_DEVICE void adagrad_update(float& param, float grad, float& sum,
+                                         const AdagradScalars& s) {
+  if (kMaximize) grad = -grad;
+  if (kWeightDecay) grad = grad + s.weight_decay * param;
+  sum = sum + grad * grad;
+  const float denom = sqrtf(sum) + s.eps;
+  param = param - (s.lr * grad) / denom;
+}
+
+struct RmspropScalars {
+  float lr;
+  float alpha;
+  float one_minus_alpha;
+  float eps;
+  float weight_decay;  // L2 coefficient, used when kWeightDecay
+  float momentum;
+};
+
+// RMSprop (Hinton; centered: Graves 2013) with L2 weight decay and torch.optim.RMSprop's
+// momentum, which accumulates the normalized gradient: buf <- momentum * buf + g / avg.
+// The centered mean follows torch's lerp, so that an infinite gradient turns it into
+// NaN exactly as in torch.
+template <bool kWeightDecay, bool kCentered, bool kMomentum, bool kMaximize>
+FUSEDOPT_HOST_DEVICE void rmsprop_update(float& param, float grad, float& square_avg,
+                                         float& momentum_buffer, float& grad_avg,
+                                         const RmspropScalars& s) {
+  if (kMaximize) grad = -grad;
+  if (kWeightDecay) grad = grad + s.weight_decay * param;
+  square_avg = s.alpha * square_avg + s.one_minus_alpha * (grad * grad);
+  float variance = square_avg;
+  if (kCentered) {
+    grad_avg = lerp(grad_avg, grad, s.one_minus_alpha);
+    variance = square_avg - grad_avg * grad_avg;
+  }
+  const float avg = sqrtf(variance) + s.eps;
+  if (kMomentum) {
+    momentum_buffer = s.momentum * momentum_buffer + grad / avg;
+    param = param - s.lr * momentum_buffer;
+  } else {
+    param = param - (s.lr * grad) / avg;
+  }
 }
 
 }  // namespace fusedopt
