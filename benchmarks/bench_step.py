@@ -85,6 +85,10 @@ class OptimizerSpec:
     hyper: dict
     states: int  # state tensors shaped like the param
     baseline: str = "torch-fused"  # the implementation the time ratio compares with
+    fusedopt_options: dict = field(default_factory=dict)  # fusedopt's own arguments
+    # Bytes per param a step must move where the states are not of the params' dtype.
+    floor_bytes_per_param: int = None
+    impls: tuple = None  # the implementations that take this row's options; None: all
 
     @property
     def key(self):
@@ -93,7 +97,7 @@ class OptimizerSpec:
     @property
     def floor_bytes(self):
         """Bytes per param a step must move: read p, g and each state; write p and each state."""
-        return (3 + 2 * self.states) * self.dtype.itemsize
+        return self.floor_bytes_per_param or (3 + 2 * self.states) * self.dtype.itemsize
 
 
 ADAM = dict(lr=1e-3, weight_decay=1e-2)
@@ -104,6 +108,13 @@ RMSPROP = dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-2)
 OPTIMIZERS = [
     OptimizerSpec("adamw", torch.float32, fusedopt.AdamW, torch.optim.AdamW, ADAM, states=2),
     OptimizerSpec("adamw", torch.bfloat16, fusedopt.AdamW, torch.optim.AdamW, ADAM, states=2),
+    # bf16 params with exact fp32 masters: fusedopt reads and writes the param, its
+    # 16-bit remainder and the fp32 moments (2+2+4+4 bytes each way) and reads the
+    # grad (2); torch's nearest equivalent steps fp32 master params with its fused
+    # AdamW and casts grads up and params down around it (FP32_MASTER_BYTES).
+    OptimizerSpec("adamw-master", torch.bfloat16, fusedopt.AdamW, torch.optim.AdamW, ADAM, states=2,
+                  baseline="torch-fused-fp32-master", fusedopt_options=dict(master_weights=True),
+                  floor_bytes_per_param=26, impls=("fusedopt", "torch-fused-fp32-master")),
     OptimizerSpec("adam-l2", torch.float32, fusedopt.Adam, torch.optim.Adam, ADAM, states=2),
     OptimizerSpec("sgdw-momentum", torch.float32, fusedopt.SGDW, torch.optim.SGD, SGD, states=1),
     OptimizerSpec("adagrad", torch.float32, fusedopt.Adagrad, torch.optim.Adagrad, ADAGRAD, states=1),
@@ -115,12 +126,37 @@ OPTIMIZERS = [
 # How each implementation builds its optimizer. One that raises is reported as n/a;
 # backend="kernel" raises where fusedopt has no kernel, so the reference is never
 # timed under the kernel's name.
+class Fp32MasterStep:
+    """torch's way to step low-precision params through fp32 masters: the grads cast
+    into the masters' fp32 grads, torch's fused step on the masters, the masters cast
+    back into the params. Bytes per param: 2 + 4 for the grads, 28 for the fused step
+    on fp32, 4 + 2 for the params: FP32_MASTER_BYTES."""
+
+    def __init__(self, spec, params):
+        self.params = params
+        self.masters = [param.detach().float().requires_grad_() for param in params]
+        for master in self.masters:
+            master.grad = torch.empty_like(master)
+        self.inner = spec.torch_class(self.masters, **spec.hyper, fused=True)
+        self.param_groups, self.state = self.inner.param_groups, self.inner.state
+        self.model_tensors = params + [param.grad for param in params]
+
+    def step(self):
+        torch._foreach_copy_([master.grad for master in self.masters], [p.grad for p in self.params])
+        self.inner.step()
+        torch._foreach_copy_(self.params, self.masters)
+
+
+FP32_MASTER_BYTES = 40
+
 IMPLEMENTATIONS = {
-    "fusedopt": lambda spec, params: spec.fusedopt_class(params, **spec.hyper, backend="kernel"),
+    "fusedopt": lambda spec, params: spec.fusedopt_class(
+        params, **spec.hyper, **spec.fusedopt_options, backend="kernel"),
     "torch-fused": lambda spec, params: spec.torch_class(params, **spec.hyper, fused=True),
+    "torch-fused-fp32-master": Fp32MasterStep,
     "torch-foreach": lambda spec, params: spec.torch_class(params, **spec.hyper, foreach=True),
     "fusedopt-reference": lambda spec, params: spec.fusedopt_class(
-        params, **spec.hyper, backend="reference"),
+        params, **spec.hyper, **spec.fusedopt_options, backend="reference"),
 }
 DEFAULT_IMPLS = ["fusedopt", "torch-fused", "torch-foreach"]
 QUICK_IMPLS = ["fusedopt", "torch-fused"]
@@ -215,8 +251,9 @@ class Run:
 
 
 def tensor_bytes(optimizer):
-    """Bytes of the params, grads and state tensors `optimizer` holds."""
-    total = 0
+    """Bytes of the params, grads and state tensors `optimizer` holds (and of the model's
+    own params and grads where it steps copies of them)."""
+    total = sum(t.nbytes for t in getattr(optimizer, "model_tensors", ()))
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state.get(param, {})
@@ -263,6 +300,7 @@ def start_run(impl, spec, source, warmup):
 def bench_row(workload, source, spec, impls, clock, settings, copy_gbps):
     """Times every implementation on its own copy of `source`, round by round, and the
     optimizer's baseline with them; returns rows."""
+    impls = [impl for impl in impls if spec.impls is None or impl in spec.impls]
     impls = impls + [spec.baseline] * (spec.baseline not in impls)
     runs = [start_run(impl, spec, source, settings.warmup) for impl in impls]
     started = time.perf_counter()
@@ -284,7 +322,8 @@ def bench_row(workload, source, spec, impls, clock, settings, copy_gbps):
     rows = []
     for run in runs:
         median, baseline = medians[run.impl], medians[spec.baseline]
-        gbps = spec.floor_bytes * numel / median / 1e9 if median else None
+        bytes_per_param = FP32_MASTER_BYTES if run.impl == "torch-fused-fp32-master" else spec.floor_bytes
+        gbps = bytes_per_param * numel / median / 1e9 if median else None
         rows.append({
             "workload": workload, "tensors": len(source[0]), "numel": numel,
             "optimizer": spec.label, "dtype": DTYPE_NAMES[spec.dtype], "impl": run.impl,
@@ -293,8 +332,10 @@ def bench_row(workload, source, spec, impls, clock, settings, copy_gbps):
             "percent_of_copy": 100 * gbps / copy_gbps if gbps else None,
             "baseline": spec.baseline,
             "ratio_vs_baseline": baseline / median if median and baseline else None,
-            "floor_bytes_per_param": spec.floor_bytes,
+            "floor_bytes_per_param": bytes_per_param,
             "peak_memory_bytes": run.peak_memory_bytes,
+            "peak_memory_bytes_per_param": (run.peak_memory_bytes / numel
+                                            if run.peak_memory_bytes is not None else None),
             "num_threads": torch.get_num_threads(),
             "steps": len(run.times),
             "error": run.error,
