@@ -103,9 +103,10 @@ FUSEDOPT_HOST_DEVICE Float16 float_to_float16(float value) {
   return Float16{static_cast<uint16_t>(half | sign)};
 }
 
-// A remainder's bit pattern as a float (0 to 65535: exact), so that kernels carry it
-// in the same fp32 registers as every other list.
-FUSEDOPT_HOST_DEVICE float to_float(Remainder16 value) { return static_cast<float>(value.bits); }
+// A remainder travels in the same fp32 registers as every other list, as the float
+// whose bits are its 16 bits: a bit move, never an arithmetic conversion (which the
+// host compilers do not vectorize from and to unsigned 16-bit integers).
+FUSEDOPT_HOST_DEVICE float to_float(Remainder16 value) { return bits_to_float(value.bits); }
 
 template <typename T>
 FUSEDOPT_HOST_DEVICE T from_float(float value) {
@@ -114,7 +115,7 @@ FUSEDOPT_HOST_DEVICE T from_float(float value) {
   } else if constexpr (std::is_same_v<T, Float16>) {
     return float_to_float16(value);
   } else if constexpr (std::is_same_v<T, Remainder16>) {
-    return Remainder16{static_cast<uint16_t>(value)};
+    return Remainder16{static_cast<uint16_t>(float_to_bits(value))};
   } else {
     static_assert(std::is_same_v<T, float>, "storage types: float, BFloat16, Float16");
     return value;
@@ -128,14 +129,14 @@ FUSEDOPT_HOST_DEVICE T from_float(float value) {
 // into the high half when the low half is 0x8000 or more), because only then does
 // the remainder's top bit say which way the param was rounded: with ties to even, a
 // tie rounded down and a tie rounded up leave the same bits. A NaN master keeps the
-// canonical NaN in the param and a zero remainder. Both functions work on fp32 values
-// in registers: the param's (exact in fp32) and the remainder's bit pattern.
+// canonical NaN in the param and a zero remainder. Both functions work on fp32
+// registers: the param's value (exact in fp32) and the remainder's bits (to_float).
 
 // The fp32 master rebuilt from a bf16 param and its remainder. A zero param with a
 // remainder of 0x8000 or more comes from no split (the user zeroed the param): the
 // borrow would cross the sign bit, so the master is the param.
 FUSEDOPT_HOST_DEVICE float rebuild_master(float param, float remainder) {
-  const uint32_t low = static_cast<uint32_t>(remainder);
+  const uint32_t low = float_to_bits(remainder);
   const uint32_t param_high = float_to_bits(param) >> 16;
   const bool borrow = low >= 0x8000u;
   const bool zero = (param_high & 0x7fffu) == 0;
@@ -150,7 +151,7 @@ FUSEDOPT_HOST_DEVICE void split_master(float master, float& param, float& remain
   const uint32_t high = (bits >> 16) + (low >= 0x8000u ? 1u : 0u);
   const bool is_nan = (bits & 0x7fffffffu) > 0x7f800000u;
   param = bits_to_float(is_nan ? 0x7fc00000u : (high << 16));
-  remainder = static_cast<float>(is_nan ? 0u : low);
+  remainder = bits_to_float(is_nan ? 0u : low);
 }
 
 // An fp16 param's fp32 master (a full fp32 state tensor): the master, unless the
