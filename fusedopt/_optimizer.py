@@ -631,9 +631,21 @@ def amp_scale(grad_scale, found_inf):
     return float(scale)
 
 
-def check_master_weights(master_weights):
+def own_defaults(decouple_lr, lr_max, state_dtype, master_weights, decoupled):
+    """Checks fusedopt's own constructor options (Adam, AdamW, SGDW) and returns the
+    defaults they add: only those in use, so that other groups hold torch.optim's keys."""
+    weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled)
+    check_state_dtype(state_dtype)
     if not isinstance(master_weights, bool):
         raise TypeError(f"master_weights is True or False, got {master_weights!r}")
+    defaults = {}
+    if decouple_lr or lr_max is not None:
+        defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
+    if state_dtype is not None:
+        defaults.update(state_dtype=state_dtype)
+    if master_weights:
+        defaults.update(master_weights=True)
+    return defaults
 
 
 def tensors_like(params, zeroed, dtype=None):

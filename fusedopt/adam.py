@@ -79,9 +79,6 @@ class Adam(FusedOptimizer):
             raise ValueError("capturable=True is not supported: fusedopt keeps the step count on the host")
         if differentiable:
             raise ValueError("differentiable=True is not supported by fusedopt")
-        _weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled_weight_decay)
-        _optimizer.check_state_dtype(state_dtype)
-        _optimizer.check_master_weights(master_weights)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -95,12 +92,8 @@ class Adam(FusedOptimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        if decouple_lr or lr_max is not None:  # else the groups hold torch.optim's keys only
-            defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
-        if state_dtype is not None:
-            defaults.update(state_dtype=state_dtype)
-        if master_weights:
-            defaults.update(master_weights=True)
+        defaults.update(_optimizer.own_defaults(decouple_lr, lr_max, state_dtype, master_weights,
+                                                decoupled_weight_decay))
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):

@@ -49,9 +49,6 @@ class SGDW(FusedOptimizer):
         _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
         if differentiable:
             raise ValueError("differentiable=True is not supported by fusedopt")
-        _weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled=True)
-        _optimizer.check_state_dtype(state_dtype)
-        _optimizer.check_master_weights(master_weights)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -63,12 +60,8 @@ class SGDW(FusedOptimizer):
             differentiable=differentiable,
             fused=fused,
         )
-        if decouple_lr or lr_max is not None:  # else the groups hold torch.optim's keys only
-            defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
-        if state_dtype is not None:
-            defaults.update(state_dtype=state_dtype)
-        if master_weights:
-            defaults.update(master_weights=True)
+        defaults.update(_optimizer.own_defaults(decouple_lr, lr_max, state_dtype, master_weights,
+                                                decoupled=True))
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):

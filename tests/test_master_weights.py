@@ -23,30 +23,15 @@ from conftest import SHAPES, make_grads, make_params, max_abs_error
 from emulated_cuda import emulated, emulated_cuda  # noqa: F401  (emulated_cuda: a fixture)
 from fusedopt import reference
 from test_parity import assert_bitwise_equal, assert_states_bitwise_equal
+from test_precision import LOW, OPTIMIZERS
+from test_precision import run as run_in_precision
 
 STEPS = 12
-LOW = (torch.bfloat16, torch.float16)
-OPTIMIZERS = {
-    "AdamW-amsgrad": lambda **kw: lambda params: fusedopt.AdamW(
-        params, lr=1e-2, weight_decay=0.1, amsgrad=True, **kw),
-    "Adam-l2-maximize": lambda **kw: lambda params: fusedopt.Adam(
-        params, lr=1e-2, weight_decay=0.1, maximize=True, **kw),
-    "SGDW-nesterov": lambda **kw: lambda params: fusedopt.SGDW(
-        params, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, **kw),
-    "SGDW-plain": lambda **kw: lambda params: fusedopt.SGDW(params, lr=1e-2, **kw),
-}
 
 
 def run(make_optimizer, initial, grads, dtype, grad_dtype, steps=None):
-    params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in initial]
-    for param in params:
-        param.grad_dtype = grad_dtype
-    optimizer = make_optimizer(params)
-    for step_grads in grads[:steps]:
-        for param, grad in zip(params, step_grads):
-            param.grad = grad.to(grad_dtype, copy=True)
-        optimizer.step()
-    return optimizer
+    """test_precision's runner; the optimizer it stepped (its params are the group's)."""
+    return run_in_precision(make_optimizer, initial, grads, dtype, grad_dtype, steps)[1]
 
 
 def masters(optimizer):
@@ -96,7 +81,7 @@ def test_masters_are_the_fp32_run_and_kernels_match_the_reference(name, dtype, g
 @pytest.mark.parametrize("chunk", [0, 1024], ids=["chunk=real", "chunk=1024"])
 @pytest.mark.parametrize("grad_dtype", ["param", torch.float32], ids=["grads-of-param-dtype", "fp32-grads"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("name", ["AdamW-amsgrad", "SGDW-nesterov", "SGDW-plain"])
+@pytest.mark.parametrize("name", ["Adam-l2-amsgrad-maximize", "SGDW-nesterov", "SGDW-plain"])
 def test_masters_emulated_cuda_matches_cpu_kernel_bitwise(name, dtype, grad_dtype, chunk,
                                                           emulated_cuda, monkeypatch):  # noqa: F811
     emulated.set_chunk_elements(chunk)
@@ -180,15 +165,15 @@ def test_against_a_float64_oracle_masters_keep_updates_that_bf16_loses():
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_master_checkpoints_round_trip_and_cross_torch(dtype):
     initial, grads = problem(seed=66)
-    make = OPTIMIZERS["AdamW-amsgrad"]
+    make = OPTIMIZERS["Adam-l2-amsgrad-maximize"]
     ours = run(make(master_weights=True), initial, grads, dtype, dtype, steps=3)
     params = ours.param_groups[0]["params"]
     saved = ours.state_dict()
     again = make(master_weights=True)(params)
     again.load_state_dict(saved)  # torch.optim's load would cast the int16 remainder
     assert_states_bitwise_equal(again, ours)
-    # Into torch.optim.AdamW: it loads (and ignores the master it casts to the param's dtype).
-    theirs = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=True)
+    # Into torch.optim.Adam: it loads (and ignores the master it casts to the param's dtype).
+    theirs = torch.optim.Adam(params, lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True)
     theirs.load_state_dict(saved)
     # Back from torch: that master is no master any more; it restarts from the params.
     back = make(master_weights=True)(params)
@@ -196,8 +181,8 @@ def test_master_checkpoints_round_trip_and_cross_torch(dtype):
         back.load_state_dict(theirs.state_dict())
     assert all("master_param" not in state for state in back.state.values())
     # A plain torch.optim checkpoint: the masters start as the params, exactly.
-    plain = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2,
-                              weight_decay=0.1, amsgrad=True)
+    plain = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2,
+                             weight_decay=0.1, amsgrad=True, maximize=True)
     for param, grad in zip(plain.param_groups[0]["params"], grads[0]):
         param.grad = grad.to(dtype)
     plain.step()
