@@ -51,6 +51,7 @@
 #include <variant>
 
 #include "cpu/driver.h"
+#include "fusedopt/dispatch.h"
 #include "fusedopt/step_args.h"
 #if defined(FUSEDOPT_WITH_CUDA)
 #include "cuda/driver.h"
@@ -201,6 +202,24 @@ struct StateLists {
 int master_dtype(MasterWeights master) {
   return static_cast<int>(master == MasterWeights::kRemainder ? ScalarType::kInt16
                                                               : ScalarType::kFloat32);
+}
+
+// Whether a kernel serves the call's storage types (NOTE: [precision]). Planning never
+// asks for another, but a group changed while it was planned (a hyperparameter's
+// `__float__`, another thread) could: that call is refused here, before anything is
+// launched, not when its kernel is chosen after other calls have run.
+template <typename Args>
+bool has_kernel(const Args& args) {
+  MasterWeights master = MasterWeights::kNone;
+  if constexpr (std::is_same_v<Args, AdamStepArgs> || std::is_same_v<Args, SgdwStepArgs>) {
+    master = args.master;
+  }
+  try {
+    with_precision(args.dtype, args.grad_dtype, args.state_dtype, master, [](auto...) { return 0; });
+    return true;
+  } catch (const std::invalid_argument&) {
+    return false;
+  }
 }
 
 StateLists state_lists_of(AdamStepArgs& args) {
@@ -625,6 +644,7 @@ bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool che
   for (size_t k = 0; k < num_keys; ++k) {
     if (lists.lists[k]->size() != n) return fail("the call's lists do not match its tensors");
   }
+  if (!has_kernel(args)) return fail("no kernel serves the call's storage types");
   args.grads.resize(n);
   alive->reserve(alive->size() + 2 * n);
   for (size_t i = 0; i < n; ++i) {

@@ -181,15 +181,24 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = grad_scale if grad_scale is not None else getattr(self, "grad_scale", None)
-        found_inf = found_inf if found_inf is not None else getattr(self, "found_inf", None)
-        if (grad_scale is not None or found_inf is not None) and not self._step_supports_amp_scaling:
-            raise TypeError(f"{type(self).__name__}.step() takes no grad_scale or found_inf: "
-                            "GradScaler unscales its grads before the step")
-        with self._lock, torch.no_grad():
-            scale = amp_scale(grad_scale, found_inf)
-            if scale is not None:
-                self._step(scale)
+        from_scaler = grad_scale is None and found_inf is None
+        if from_scaler:  # GradScaler sets these around the call and removes them after it
+            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        try:
+            if (grad_scale is not None or found_inf is not None) and not self._step_supports_amp_scaling:
+                raise TypeError(f"{type(self).__name__}.step() takes no grad_scale or found_inf: "
+                                "GradScaler unscales its grads before the step")
+            with self._lock, torch.no_grad():
+                scale = amp_scale(grad_scale, found_inf)
+                if scale is not None:
+                    self._step(scale)
+        except BaseException:
+            # GradScaler removes its attributes only when step() returns: left behind,
+            # they would unscale every later plain step by a stale scale.
+            if from_scaler:
+                self.__dict__.pop("grad_scale", None)
+                self.__dict__.pop("found_inf", None)
+            raise
         return loss
 
     def _step_hyperparameters(self, group, device, grad_scale):
@@ -539,6 +548,10 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(
                     f"loaded param group {group_index} has no {missing}, which "
                     f"{type(self).__name__} needs: is it another optimizer's state dict?")
+            try:
+                check_own_group_keys(saved_group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"loaded param group {group_index}: {error}") from error
             if len(group["params"]) != len(saved_group["params"]):
                 raise ValueError(
                     f"param group {group_index} has {len(group['params'])} params, the loaded "
@@ -603,6 +616,17 @@ def _index_of(groups, group):
     return next(index for index, candidate in enumerate(groups) if candidate is group)
 
 
+def check_own_group_keys(group):
+    """Raises unless the fusedopt-only keys a param group holds have values its
+    constructor would accept (a loaded group is checked before anything changes)."""
+    check_state_dtype(group.get("state_dtype"))
+    for key in ("master_weights", "decouple_lr"):
+        if not isinstance(group.get(key, False), bool):
+            raise TypeError(f"{key} is True or False, got {group[key]!r}")
+    if group.get("decouple_lr", False) and group.get("lr_max") is not None:
+        weight_decay.check_lr_max(group["lr_max"])
+
+
 def check_state_dtype(state_dtype):
     if state_dtype not in (None, torch.float32):
         raise ValueError(f"Invalid state_dtype: {state_dtype!r}; None (the params' dtype) or "
@@ -626,8 +650,11 @@ def amp_scale(grad_scale, found_inf):
         return None
     if scale is None:
         return 1.0
-    if not 0.0 < scale < math.inf:
-        raise ValueError(f"Invalid grad_scale value: {scale}; a finite number > 0")
+    # The kernels multiply by the reciprocal in fp32: it must be a normal fp32 number.
+    inverse = float(torch.tensor(1.0 / scale if scale > 0 else math.nan, dtype=torch.float32))
+    if not (0.0 < scale < math.inf and torch.finfo(torch.float32).tiny <= inverse < math.inf):
+        raise ValueError(f"Invalid grad_scale value: {scale}; a finite number > 0 whose "
+                         "reciprocal is a normal float32")
     return float(scale)
 
 

@@ -152,6 +152,9 @@ def test_unscale_before_the_step_for_clipping_matches_torch():
     (dict(grad_scale=torch.ones(2)), ValueError, "grad_scale is a one-element tensor"),
     (dict(grad_scale=torch.tensor(0.0)), ValueError, "Invalid grad_scale value: 0.0"),
     (dict(grad_scale=torch.tensor(float("inf"))), ValueError, "Invalid grad_scale value: inf"),
+    # Reciprocals that overflow fp32, or fall below its normal range: grads of inf or 0.
+    (dict(grad_scale=torch.tensor(1e-40, dtype=torch.float64)), ValueError, "Invalid grad_scale value"),
+    (dict(grad_scale=torch.tensor(1e39, dtype=torch.float64)), ValueError, "Invalid grad_scale value"),
     (dict(found_inf=1.0), ValueError, "found_inf is a one-element tensor"),
 ])
 def test_bad_scaler_arguments_are_refused_before_any_write(kwargs, error, match):
@@ -162,3 +165,17 @@ def test_bad_scaler_arguments_are_refused_before_any_write(kwargs, error, match)
     with pytest.raises(error, match=match):
         optimizer.step(**kwargs)
     assert torch.equal(param.detach(), before) and not optimizer.state
+
+
+def test_a_refused_step_leaves_no_scale_behind_for_the_next_plain_step():
+    """GradScaler removes the attributes it sets only when step() returns; a refused
+    step must not leave them, or every later plain step would unscale its grads."""
+    model = make_model(74)
+    optimizer = fusedopt.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(model(torch.randn(8, 16)).square().mean()).backward()
+    optimizer.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        scaler.step(optimizer)
+    assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
+    assert not optimizer.state

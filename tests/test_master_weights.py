@@ -215,3 +215,38 @@ def test_master_weights_refuse_other_params_and_wrong_masters_before_any_write()
     with pytest.raises(ValueError, match=r"state 'master_param' of param 0 of param group 0 is torch.float32"):
         solo.step()
     assert torch.equal(weights.detach(), snapshot)
+
+
+class FlipsMasterWeights(float):
+    """A learning rate whose conversion turns master weights on for another group."""
+
+    def __new__(cls, value, group):
+        made = super().__new__(cls, value)
+        made.group = group
+        return made
+
+    def __float__(self):
+        self.group["master_weights"] = True
+        return float.__float__(self)
+
+
+def test_master_weights_turned_on_while_another_group_is_planned_step_whole():
+    """Group 2's lr turns master weights on for group 1 after group 1 was planned
+    without them: the launch check refuses the call no kernel serves before anything
+    runs, the step is planned again, and every group steps once, consistently."""
+    generator = torch.Generator().manual_seed(67)
+    steady = torch.nn.Parameter(torch.randn(64, generator=generator))
+    low = torch.nn.Parameter(torch.randn(64, generator=generator).to(torch.bfloat16))
+    last = torch.nn.Parameter(torch.randn(64, generator=generator))
+    optimizer = fusedopt.AdamW([{"params": [steady]}, {"params": [low]}, {"params": [last]}], lr=1e-2)
+    steady.grad = torch.randn(64, generator=generator)
+    optimizer.step()  # group 0 has a steady plan; groups 1 and 2 step for the first time next
+    optimizer.param_groups[2]["lr"] = FlipsMasterWeights(1e-2, optimizer.param_groups[1])
+    low.grad = torch.randn(64, generator=generator).to(torch.bfloat16)
+    last.grad = torch.randn(64, generator=generator)
+    optimizer.step()
+    assert optimizer.state[steady]["step"].item() == 2
+    state = optimizer.state[low]
+    assert state["step"].item() == 1 and state["master_param"].dtype == torch.int16
+    assert state["exp_avg"].dtype == torch.float32
+    assert optimizer.state[last]["step"].item() == 1

@@ -206,3 +206,24 @@ def test_grads_switching_dtype_between_steady_steps_step_like_the_reference():
         results.append(([p.detach() for p in params], optimizer))
     assert_bitwise_equal(results[0][0], results[1][0])
     assert_states_bitwise_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("key,value,error,match", [
+    ("state_dtype", torch.int16, ValueError, "loaded param group 0: Invalid state_dtype"),
+    ("master_weights", "no", TypeError, "loaded param group 0: master_weights is True or False"),
+    ("decouple_lr", 1, TypeError, "loaded param group 0: decouple_lr is True or False"),
+])
+def test_a_checkpoint_with_bad_fusedopt_group_keys_changes_nothing(key, value, error, match):
+    initial, grads = problem(seed=58)
+    _, optimizer = run(OPTIMIZERS["AdamW"](state_dtype=torch.float32), initial, grads,
+                       torch.bfloat16, torch.bfloat16, steps=2)
+    saved = optimizer.state_dict()
+    before = {index: {k: v.clone() for k, v in state.items()} for index, state in saved["state"].items()}
+    crafted = {**saved, "param_groups": [{**saved["param_groups"][0], key: value}]}
+    with pytest.raises(error, match=match):
+        optimizer.load_state_dict(crafted)
+    assert optimizer.param_groups[0].get("state_dtype") == torch.float32
+    assert "master_weights" not in optimizer.param_groups[0]
+    after = optimizer.state_dict()["state"]
+    for index, state in before.items():
+        assert_bitwise_equal([after[index][k] for k in state], list(state.values()))
