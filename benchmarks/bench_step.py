@@ -141,6 +141,7 @@ class Fp32MasterStep:
         self.param_groups, self.state = self.inner.param_groups, self.inner.state
         self.model_tensors = params + [param.grad for param in params]
 
+    @torch.no_grad()
     def step(self):
         torch._foreach_copy_([master.grad for master in self.masters], [p.grad for p in self.params])
         self.inner.step()
