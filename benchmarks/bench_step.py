@@ -115,6 +115,12 @@ OPTIMIZERS = [
     OptimizerSpec("adamw-master", torch.bfloat16, fusedopt.AdamW, torch.optim.AdamW, ADAM, states=2,
                   baseline="torch-fused-fp32-master", fusedopt_options=dict(master_weights=True),
                   floor_bytes_per_param=26, impls=("fusedopt", "torch-fused-fp32-master")),
+    # bf16 params rounded stochastically, the bytes of the plain bf16 row: its baseline is
+    # fusedopt rounding to nearest, side by side, so the ratio is the random bits' cost.
+    OptimizerSpec("adamw-sr", torch.bfloat16, fusedopt.AdamW, torch.optim.AdamW, ADAM, states=2,
+                  baseline="fusedopt-nearest",
+                  fusedopt_options=dict(stochastic_rounding=True, rounding_seed=0),
+                  impls=("fusedopt", "fusedopt-nearest", "torch-fused")),
     OptimizerSpec("adam-l2", torch.float32, fusedopt.Adam, torch.optim.Adam, ADAM, states=2),
     OptimizerSpec("sgdw-momentum", torch.float32, fusedopt.SGDW, torch.optim.SGD, SGD, states=1),
     OptimizerSpec("adagrad", torch.float32, fusedopt.Adagrad, torch.optim.Adagrad, ADAGRAD, states=1),
@@ -156,6 +162,8 @@ IMPLEMENTATIONS = {
     "torch-fused": lambda spec, params: spec.torch_class(params, **spec.hyper, fused=True),
     "torch-fused-fp32-master": Fp32MasterStep,
     "torch-foreach": lambda spec, params: spec.torch_class(params, **spec.hyper, foreach=True),
+    "fusedopt-nearest": lambda spec, params: spec.fusedopt_class(
+        params, **spec.hyper, backend="kernel"),  # without the row's own options
     "fusedopt-reference": lambda spec, params: spec.fusedopt_class(
         params, **spec.hyper, **spec.fusedopt_options, backend="reference"),
 }
@@ -403,7 +411,8 @@ def format_table(report):
              f"copy {report['copy_gbps']:.1f} GB/s, in-place update {report['inplace_gbps']:.1f} "
              f"GB/s; median of {MIN_ROUNDS}-{settings['rounds']} steps after "
              f"{settings['warmup']} warm-up steps; baseline: torch-fused, or torch-foreach where "
-             "torch has no fused path (RMSprop)."]
+             "torch has no fused path (RMSprop), torch's fp32-master recipe for master weights, "
+             "fusedopt rounding to nearest for stochastic rounding."]
     if scaled:
         notes.append("* scaled down from the GPU workload; params and tensors are what ran.")
     if report["load_average_before"] > 0.25 * os.cpu_count():

@@ -19,6 +19,7 @@
 #include "fusedopt/chunk_plan.h"
 #include "fusedopt/launch_plan.h"
 #include "fusedopt/step_args.h"
+#include "fusedopt/stochastic_rounding.h"
 
 namespace py = pybind11;
 using fusedopt::AdamStepArgs;
@@ -114,6 +115,15 @@ PYBIND11_MODULE(_C, m) {
       "CUDA launch packing (NOTE: [launch packing]): per launch, (tensors, chunk_slots, "
       "chunk_indices).");
 
+  m.def(
+      "rounding_bits",
+      [](uint64_t seed, uint64_t tensor, uint64_t step, int64_t element) {
+        return fusedopt::rounding_bits(fusedopt::rounding_stream(seed, tensor, step), element);
+      },
+      py::arg("seed"), py::arg("tensor"), py::arg("step"), py::arg("element"),
+      "The 16 random bits that round element `element` of a tensor stochastically "
+      "(NOTE: [stochastic rounding]).");
+
   py::class_<AdamStepArgs>(m, "AdamStepArgs", "Pointers and hyperparameters of one Adam call")
       .def(py::init<>())
       .def_readwrite("params", &AdamStepArgs::params)
@@ -124,6 +134,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("steps", &AdamStepArgs::steps)
       .def_readwrite("masters", &AdamStepArgs::masters)
       .def_readwrite("master", &AdamStepArgs::master)
+      .def_readwrite("rounding_ids", &AdamStepArgs::rounding_ids)
+      .def_readwrite("rounding_seed", &AdamStepArgs::rounding_seed)
+      .def_readwrite("stochastic_rounding", &AdamStepArgs::stochastic_rounding)
       .def_readwrite("numels", &AdamStepArgs::numels)
       .def_readwrite("dtype", &AdamStepArgs::dtype)
       .def_readwrite("grad_dtype", &AdamStepArgs::grad_dtype)
@@ -145,6 +158,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("momentum_buffers", &SgdwStepArgs::momentum_buffers)
       .def_readwrite("masters", &SgdwStepArgs::masters)
       .def_readwrite("master", &SgdwStepArgs::master)
+      .def_readwrite("rounding_ids", &SgdwStepArgs::rounding_ids)
+      .def_readwrite("rounding_seed", &SgdwStepArgs::rounding_seed)
+      .def_readwrite("stochastic_rounding", &SgdwStepArgs::stochastic_rounding)
+      .def_readwrite("steps", &SgdwStepArgs::steps)
       .def_readwrite("numels", &SgdwStepArgs::numels)
       .def_readwrite("dtype", &SgdwStepArgs::dtype)
       .def_readwrite("grad_dtype", &SgdwStepArgs::grad_dtype)

@@ -211,11 +211,14 @@ int master_dtype(MasterWeights master) {
 template <typename Args>
 bool has_kernel(const Args& args) {
   MasterWeights master = MasterWeights::kNone;
+  bool stochastic_rounding = false;
   if constexpr (std::is_same_v<Args, AdamStepArgs> || std::is_same_v<Args, SgdwStepArgs>) {
     master = args.master;
+    stochastic_rounding = args.stochastic_rounding;
   }
   try {
-    with_precision(args.dtype, args.grad_dtype, args.state_dtype, master, [](auto...) { return 0; });
+    with_precision(args.dtype, args.grad_dtype, args.state_dtype, master, stochastic_rounding,
+                   [](auto...) { return 0; });
     return true;
   } catch (const std::invalid_argument&) {
     return false;
@@ -239,6 +242,7 @@ StateLists state_lists_of(SgdwStepArgs& args) {
     out.add(&args.momentum_buffers, static_cast<int>(args.state_dtype));
   }
   if (args.master != MasterWeights::kNone) out.add(&args.masters, master_dtype(args.master));
+  if (args.stochastic_rounding) out.add(&args.steps, -1);
   return out;
 }
 

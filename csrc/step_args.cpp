@@ -7,6 +7,7 @@
 #include <string>
 
 #include "fusedopt/step_args.h"
+#include "fusedopt/stochastic_rounding.h"
 
 namespace fusedopt {
 
@@ -82,6 +83,15 @@ void check_step_list(const std::vector<uintptr_t>& steps, size_t expected) {
   check_list(steps, expected, "steps", one_each, sizeof(float));
 }
 
+void check_rounding(const std::vector<uint64_t>& rounding_ids, bool stochastic_rounding,
+                    size_t expected) {
+  const size_t ids = stochastic_rounding ? expected : 0;
+  if (rounding_ids.size() != ids) {
+    throw std::invalid_argument("rounding_ids has " + std::to_string(rounding_ids.size()) +
+                                " entries, expected " + std::to_string(ids));
+  }
+}
+
 }  // namespace
 
 void check_lists(const AdamStepArgs& args) {
@@ -96,6 +106,7 @@ void check_lists(const AdamStepArgs& args) {
   check_list(args.masters, args.master == MasterWeights::kNone ? 0 : n, "masters", args.numels,
              master_bytes(args.master));
   check_step_list(args.steps, n);
+  check_rounding(args.rounding_ids, args.stochastic_rounding, n);
 }
 
 void check_lists(const SgdwStepArgs& args) {
@@ -106,6 +117,8 @@ void check_lists(const SgdwStepArgs& args) {
              "momentum_buffers", args.numels, element_bytes(args.state_dtype));
   check_list(args.masters, args.master == MasterWeights::kNone ? 0 : n, "masters", args.numels,
              master_bytes(args.master));
+  check_step_list(args.steps, args.stochastic_rounding ? n : 0);
+  check_rounding(args.rounding_ids, args.stochastic_rounding, n);
 }
 
 namespace {
@@ -150,11 +163,28 @@ std::vector<Scalars> scalars_per_tensor(const std::vector<float>& steps, Derive 
   return scalars;
 }
 
+// Each tensor's stream for its new step count (NOTE: [stochastic rounding]).
+std::vector<uint64_t> rounding_streams_of(const std::vector<uint64_t>& ids, uint64_t seed,
+                                          const std::vector<float>& steps) {
+  std::vector<uint64_t> streams(ids.size());
+  for (size_t t = 0; t < ids.size(); ++t) {
+    streams[t] = rounding_stream(seed, ids[t], static_cast<uint64_t>(steps[t]));
+  }
+  return streams;
+}
+
 }  // namespace
 
-std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args) {
-  return scalars_per_tensor<AdamScalars>(advance_step_counters(args.steps),
-                                         [&](double step) { return adam_scalars(args, step); });
+std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args,
+                                            std::vector<uint64_t>& rounding_streams) {
+  const std::vector<float> steps = advance_step_counters(args.steps);
+  rounding_streams = rounding_streams_of(args.rounding_ids, args.rounding_seed, steps);
+  return scalars_per_tensor<AdamScalars>(steps, [&](double step) { return adam_scalars(args, step); });
+}
+
+std::vector<uint64_t> advance_sgdw_steps(const SgdwStepArgs& args) {
+  return rounding_streams_of(args.rounding_ids, args.rounding_seed,
+                             advance_step_counters(args.steps));
 }
 
 AdagradScalars adagrad_scalars(const AdagradStepArgs& args, double step) {

@@ -130,6 +130,10 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     _counter_keys = ()  # state tensors the kernel counts in (Adam's "step"), after _state_keys
+
+    def _counters(self, group):
+        """The group's counter keys (SGDW counts steps only to round stochastically)."""
+        return self._counter_keys
     _required_group_keys = ()  # hyperparameters a loaded param group must hold
 
     def _hyperparameters(self, group, device):
@@ -206,6 +210,9 @@ class FusedOptimizer(Optimizer):
         hyper = self._hyperparameters(group, device)
         if self._step_supports_amp_scaling:
             hyper["grad_scale"] = grad_scale
+        if group.get("stochastic_rounding", False):
+            check_stochastic_rounding(group.get("master_weights", False), group.get("rounding_seed"))
+            hyper["rounding_seed"] = group["rounding_seed"]
         return hyper
 
     def _step(self, grad_scale=1.0):
@@ -293,7 +300,7 @@ class FusedOptimizer(Optimizer):
             self._init_masters(batch)
             if not batch.use_kernel:
                 continue
-            keys = self._state_keys(batch.group) + self._counter_keys
+            keys = self._state_keys(batch.group) + self._counters(batch.group)
             target = _backend.launch_target(batch.kernel_params[0].device)
             dicts = batch.final_state_dicts()
             for args, indices in self._kernel_calls(batch):
@@ -310,7 +317,7 @@ class FusedOptimizer(Optimizer):
 
     def _written_tensors(self, batch):
         """The tensors a kernel call on `batch` changes in place (DTensors and their shards)."""
-        keys = self._state_keys(batch.group) + self._counter_keys
+        keys = self._state_keys(batch.group) + self._counters(batch.group)
         states = [state[key] for state in batch.working for key in keys if state.get(key) is not None]
         written = batch.params + states
         return written + [_backend.local(tensor) for tensor in written if _backend.is_dtensor(tensor)]
@@ -349,6 +356,10 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(
                     f"{where} is {param.dtype}: master_weights=True keeps fp32 masters of "
                     "bfloat16 and float16 params; put other params in a group without it")
+            if group.get("stochastic_rounding", False) and param.dtype != torch.bfloat16:
+                raise ValueError(
+                    f"{where} is {param.dtype}: stochastic_rounding=True rounds bfloat16 params; "
+                    "put other params in a group without it")
             state_dtype = self._state_dtype(group, param)
             use_kernel = self._use_kernel(device, kernel_param, where, grad.dtype, state_dtype)
             batch = batches.get((param.dtype, grad.dtype, use_kernel))
@@ -358,7 +369,7 @@ class FusedOptimizer(Optimizer):
             state = self.state.get(param)  # .get: planning adds no entries
             working = dict(state) if state else {}
             if state:
-                self._check_existing_state(param, state, state_keys, where)
+                self._check_existing_state(param, state, state_keys, self._counters(group), where)
                 for key in state_keys:
                     tensor = state.get(key)
                     dtype = self._key_dtype(group, param, key)
@@ -374,7 +385,7 @@ class FusedOptimizer(Optimizer):
             batch.working.append(working)
         return list(batches.values())
 
-    def _check_existing_state(self, param, state, state_keys, where):
+    def _check_existing_state(self, param, state, state_keys, counter_keys, where):
         for key in self._required_state_keys:
             if key not in state:
                 raise ValueError(
@@ -386,7 +397,7 @@ class FusedOptimizer(Optimizer):
             if tensor is not None:
                 exact = _backend.MASTER_DTYPES.get(param.dtype) if key == MASTER_KEY else None
                 _backend.check_state(param, tensor, key, where, exact)
-        for key in self._counter_keys:
+        for key in counter_keys:
             if key in state:
                 _backend.check_step(state[key], where)
 
@@ -405,7 +416,7 @@ class FusedOptimizer(Optimizer):
                         "refuses it. List each param once.")
         ranges = []
         for batch in batches:
-            keys = self._state_keys(batch.group) + self._counter_keys
+            keys = self._state_keys(batch.group) + self._counters(batch.group)
             for index, param in enumerate(batch.kernel_params):
                 where = batch.describe(index)
                 ranges.append(_backend.memory_range(param, where))
@@ -462,6 +473,14 @@ class FusedOptimizer(Optimizer):
         args.masters = [batch.kernel_state(i, MASTER_KEY).data_ptr() for i in indices]
         args.master = MasterWeights.remainder if batch.params[0].dtype == torch.bfloat16 else MasterWeights.fp32
 
+    def _rounding_arguments(self, args, batch, indices):
+        """Sets a compiled call's stochastic rounding: on, with the params' identities, in
+        a group with stochastic_rounding (its seed is a hyperparameter), else off."""
+        rounds = batch.group.get("stochastic_rounding", False)
+        args.stochastic_rounding = rounds
+        args.rounding_ids = [rounding_id(batch.group_index, batch.param_indices[i])
+                             for i in indices] if rounds else []
+
     def _use_kernel(self, device, param, where, grad_dtype, state_dtype):
         if self.backend == "reference":
             return False
@@ -516,7 +535,8 @@ class FusedOptimizer(Optimizer):
                         self._normalize_loaded_state(param, state, group, saved_state.get(saved_id))
 
     # fusedopt's group keys; torch.optim's groups lack them
-    _own_group_keys = ("decouple_lr", "lr_max", "state_dtype", "master_weights")
+    _own_group_keys = ("decouple_lr", "lr_max", "state_dtype", "master_weights",
+                       "stochastic_rounding", "rounding_seed")
 
     def _with_own_group_keys(self, state_dict):
         """A torch.optim checkpoint has no fusedopt-only group keys: each loaded group
@@ -620,11 +640,30 @@ def check_own_group_keys(group):
     """Raises unless the fusedopt-only keys a param group holds have values its
     constructor would accept (a loaded group is checked before anything changes)."""
     check_state_dtype(group.get("state_dtype"))
-    for key in ("master_weights", "decouple_lr"):
+    for key in ("master_weights", "decouple_lr", "stochastic_rounding"):
         if not isinstance(group.get(key, False), bool):
             raise TypeError(f"{key} is True or False, got {group[key]!r}")
     if group.get("decouple_lr", False) and group.get("lr_max") is not None:
         weight_decay.check_lr_max(group["lr_max"])
+    if group.get("stochastic_rounding", False):
+        check_stochastic_rounding(group.get("master_weights", False), group.get("rounding_seed"))
+
+
+def check_stochastic_rounding(master_weights, rounding_seed):
+    """Raises unless stochastic rounding can go with these options: no master weights
+    (the two are alternatives), a seed that is a whole number in [0, 2**64)."""
+    if master_weights:
+        raise ValueError("stochastic_rounding=True and master_weights=True are alternatives: "
+                         "with master weights the param is the master rounded to nearest")
+    if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int) \
+            or not 0 <= rounding_seed < 2**64:
+        raise ValueError(f"Invalid rounding_seed: {rounding_seed!r}; a whole number in [0, 2**64)")
+
+
+def rounding_id(group_index, param_index):
+    """A param's identity in the stochastic rounding's random bits (NOTE: [stochastic
+    rounding] in csrc/include/fusedopt/stochastic_rounding.h)."""
+    return group_index << 32 | param_index
 
 
 def check_state_dtype(state_dtype):
@@ -658,14 +697,25 @@ def amp_scale(grad_scale, found_inf):
     return float(scale)
 
 
-def own_defaults(decouple_lr, lr_max, state_dtype, master_weights, decoupled):
+def own_defaults(decouple_lr, lr_max, state_dtype, master_weights, decoupled,
+                 stochastic_rounding=False, rounding_seed=None):
     """Checks fusedopt's own constructor options (Adam, AdamW, SGDW) and returns the
-    defaults they add: only those in use, so that other groups hold torch.optim's keys."""
+    defaults they add: only those in use, so that other groups hold torch.optim's keys.
+    Stochastic rounding without a seed draws one from torch's default generator, so
+    that torch.manual_seed makes the run reproducible."""
     weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled)
     check_state_dtype(state_dtype)
-    if not isinstance(master_weights, bool):
-        raise TypeError(f"master_weights is True or False, got {master_weights!r}")
+    for name, value in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} is True or False, got {value!r}")
     defaults = {}
+    if stochastic_rounding:
+        if rounding_seed is None:
+            rounding_seed = int(torch.randint(0, 2**63 - 1, ()))
+        check_stochastic_rounding(master_weights, rounding_seed)
+        defaults.update(stochastic_rounding=True, rounding_seed=rounding_seed)
+    elif rounding_seed is not None:
+        raise ValueError("rounding_seed is the seed of stochastic_rounding=True, which is off")
     if decouple_lr or lr_max is not None:
         defaults.update(decouple_lr=decouple_lr, lr_max=lr_max)
     if state_dtype is not None:
@@ -715,7 +765,7 @@ class SteadyPlan:
     mixed dtypes, the reference path) takes the full planning.
     """
 
-    __slots__ = ("state_keys", "state_dtype", "backend", "device", "check", "args", "written",
+    __slots__ = ("state_keys", "state_dtype", "rounding", "backend", "device", "check", "args", "written",
                  "ranges", "params", "shards")
 
     @classmethod
@@ -730,13 +780,14 @@ class SteadyPlan:
                 or any(_backend.local(p.grad) is not g for p, g in zip(params, batch.grads))
                 or not all(map(_backend.reads_grad_plainly, params))):
             return None
-        keys = optimizer._state_keys(group) + optimizer._counter_keys
+        keys = optimizer._state_keys(group) + optimizer._counters(group)
         states = batch.final_state_dicts()
         if any(state.get(key) is None for state in states for key in keys):
             return None
         plan = cls()
         plan.state_keys = optimizer._state_keys(group)
         plan.state_dtype = group.get("state_dtype")
+        plan.rounding = group.get("stochastic_rounding", False)
         plan.backend = optimizer.backend
         plan.device = batch.kernel_params[0].device
         plan.args = calls[0][0]
@@ -764,7 +815,9 @@ class SteadyPlan:
     def usable(self, optimizer, group):
         """Whether the plan was built for the group as it is configured now."""
         return (optimizer._state_keys(group) == self.state_keys and optimizer.backend == self.backend
-                and group.get("state_dtype") == self.state_dtype and type(group["params"]) is list)
+                and group.get("state_dtype") == self.state_dtype
+                and group.get("stochastic_rounding", False) == self.rounding
+                and type(group["params"]) is list)
 
     def set_hyperparameters(self, optimizer, hyper):
         optimizer._set_kernel_hyperparameters(self.args, hyper)

@@ -38,6 +38,13 @@ class Adam(FusedOptimizer):
         master's high 16 bits (rounded to nearest) and state 'master_param', an int16
         tensor, the low 16 bits: +2 bytes per param. A float16 param's 'master_param'
         is the whole fp32 master. A param group key when True.
+    stochastic_rounding: bfloat16 params (without master weights) are stored rounded
+        up or down at random, with probabilities that make the rounding unbiased, so
+        that updates below half a bfloat16 ulp still move them on average. The random
+        bits are a function of (rounding_seed, param, step, element): a run is
+        reproducible, on the CPU and the GPU alike. Param group keys when True.
+    rounding_seed: the seed, a whole number in [0, 2**64); by default drawn from
+        torch's default generator (so torch.manual_seed fixes it).
     """
 
     def __init__(
@@ -59,6 +66,8 @@ class Adam(FusedOptimizer):
         lr_max=None,
         state_dtype=None,
         master_weights=False,
+        stochastic_rounding=False,
+        rounding_seed=None,
         backend="auto",
     ):
         _backend.check_lr(lr)
@@ -93,7 +102,8 @@ class Adam(FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         defaults.update(_optimizer.own_defaults(decouple_lr, lr_max, state_dtype, master_weights,
-                                                decoupled_weight_decay))
+                                                decoupled_weight_decay, stochastic_rounding,
+                                                rounding_seed))
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):
@@ -168,6 +178,7 @@ class Adam(FusedOptimizer):
             lists["max_exp_avg_sqs"] = "max_exp_avg_sq"
         args = batch.fill_kernel_args(_backend._C.AdamStepArgs(), lists)
         self._master_arguments(args, batch, every)
+        self._rounding_arguments(args, batch, every)
         self._set_kernel_hyperparameters(args, batch.hyper)
         return [(args, range(len(batch.params)))]
 
@@ -190,11 +201,12 @@ class Adam(FusedOptimizer):
             args.decay = WeightDecay.l2
         args.amsgrad = hyper["amsgrad"]
         args.maximize = hyper["maximize"]
+        args.rounding_seed = hyper.get("rounding_seed", 0)
 
     def _reference_step(self, batch):
         h = batch.hyper
         local = _backend.local
-        for param, grad, state in zip(batch.kernel_params, batch.grads, batch.working):
+        for index, (param, grad, state) in enumerate(zip(batch.kernel_params, batch.grads, batch.working)):
             step = float(state["step"]) + 1  # counted once the update is written, as the kernel does
             reference.adam_step_(
                 param,
@@ -204,6 +216,7 @@ class Adam(FusedOptimizer):
                 local(state["max_exp_avg_sq"]) if "max_exp_avg_sq" in state else None,
                 step,
                 master=local(state.get(_optimizer.MASTER_KEY)),
+                rounding_id=_optimizer.rounding_id(batch.group_index, batch.param_indices[index]),
                 **h,
             )
             state["step"] += 1
@@ -212,8 +225,8 @@ class Adam(FusedOptimizer):
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter, Algorithm 2): Adam with decoupled weight decay,
     p <- p * (1 - lr * weight_decay). Arguments and defaults of torch.optim.AdamW;
-    `decouple_lr`, `lr_max`, `state_dtype`, `master_weights` and `backend` as for
-    fusedopt.Adam."""
+    `decouple_lr`, `lr_max`, `state_dtype`, `master_weights`, `stochastic_rounding`,
+    `rounding_seed` and `backend` as for fusedopt.Adam."""
 
     def __init__(
         self,
@@ -233,6 +246,8 @@ class AdamW(Adam):
         lr_max=None,
         state_dtype=None,
         master_weights=False,
+        stochastic_rounding=False,
+        rounding_seed=None,
         backend="auto",
     ):
         super().__init__(
@@ -252,6 +267,8 @@ class AdamW(Adam):
             lr_max=lr_max,
             state_dtype=state_dtype,
             master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
             backend=backend,
         )
 

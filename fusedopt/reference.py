@@ -22,7 +22,8 @@ import math
 
 import torch
 
-__all__ = ["adam_step_", "sgdw_step_", "adagrad_step_", "rmsprop_step_"]
+__all__ = ["adam_step_", "sgdw_step_", "adagrad_step_", "rmsprop_step_", "rounding_stream",
+           "rounding_bits"]
 
 
 def _math_view(tensor):
@@ -118,6 +119,70 @@ def _store_param(param, master, value):
         param.copy_(value)
 
 
+# Stochastic rounding's random bits (NOTE: [stochastic rounding] in
+# csrc/include/fusedopt/stochastic_rounding.h): SplitMix64's output function on
+# 64-bit words, in Python ints for the per-tensor stream and in int64 tensors (whose
+# arithmetic wraps as uint64's does) per element.
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z):
+    z = ((z ^ (z >> 30)) * _MIX_MULTIPLIERS[0]) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX_MULTIPLIERS[1]) & _MASK64
+    return z ^ (z >> 31)
+
+
+def rounding_stream(seed, tensor, step):
+    """The random stream of one tensor's stochastic rounding at one step (step count
+    after the increment; `tensor` is the param's (group index << 32 | index))."""
+    return _mix64(_mix64(_mix64(seed) ^ tensor) ^ int(step))
+
+
+def _as_int64(word):
+    """A 64-bit word as the int64 with its bits."""
+    return word - (1 << 64) if word >= 1 << 63 else word
+
+
+def _shift_right(words, bits):
+    """Logical right shift of int64 tensors holding 64-bit words."""
+    return (words >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64_tensor(words):
+    words = (words ^ _shift_right(words, 30)) * _as_int64(_MIX_MULTIPLIERS[0])
+    words = (words ^ _shift_right(words, 27)) * _as_int64(_MIX_MULTIPLIERS[1])
+    return words ^ _shift_right(words, 31)
+
+
+def rounding_bits(stream, elements):
+    """The 16 random bits (int64 values in [0, 65536)) of the elements whose indices in
+    their tensor's memory are `elements` (an int64 tensor)."""
+    return _shift_right(_mix64_tensor(_as_int64(stream) + (elements + 1) * _as_int64(_GOLDEN_GAMMA)), 48)
+
+
+def _memory_indices(tensor):
+    """Each element's index in the tensor's memory order (its offset from the first
+    element), shaped like the tensor: the index a kernel counts."""
+    indices = torch.zeros((), dtype=torch.int64, device=tensor.device)
+    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride())):
+        shape = [1] * tensor.dim()
+        shape[dim] = size
+        steps = torch.arange(size, dtype=torch.int64, device=tensor.device) * stride
+        indices = indices + steps.view(shape)
+    return indices.expand(tensor.shape)
+
+
+def _store_rounded_stochastically(param, value, stream):
+    """Writes the fp32 `value` to the bf16 `param`, each element truncated after its
+    random bits are added to its low 16 bits; NaN becomes the canonical NaN."""
+    bits = value.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (bits + rounding_bits(stream, _memory_indices(param))) >> 16
+    rounded = torch.where(value.isnan(), 0x7FC0, rounded & 0xFFFF)
+    param.view(torch.int16).copy_(_bit_patterns(rounded, torch.int16))
+
+
 def _store(destination, value):
     if destination.is_complex():
         destination = torch.view_as_real(destination)
@@ -144,6 +209,8 @@ def adam_step_(
     lr_max=None,
     master=None,
     grad_scale=1.0,
+    rounding_seed=None,
+    rounding_id=0,
 ):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step, in place.
 
@@ -151,7 +218,8 @@ def adam_step_(
     `max_exp_avg_sq` is used only when `amsgrad`. With `lr_max` (decouple_lr) the
     decoupled decay is (lr / lr_max) * weight_decay. With `master` (master weights)
     the step updates the param's fp32 master and writes both. The grad is unscaled
-    by GradScaler's `grad_scale` first.
+    by GradScaler's `grad_scale` first. With `rounding_seed` (stochastic rounding) the
+    bf16 param, the `rounding_id`-th tensor, is stored rounded stochastically.
     """
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
@@ -178,7 +246,10 @@ def adam_step_(
     denom = _sqrt(second_moment) / bias_correction2_sqrt + eps
     p = p - (step_size * m) / denom
 
-    _store_param(param, master, p)
+    if rounding_seed is not None:
+        _store_rounded_stochastically(param, p, rounding_stream(rounding_seed, rounding_id, step))
+    else:
+        _store_param(param, master, p)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
 
@@ -199,6 +270,9 @@ def sgdw_step_(
     lr_max=None,
     master=None,
     grad_scale=1.0,
+    step=None,
+    rounding_seed=None,
+    rounding_id=0,
 ):
     """One SGDW step, in place.
 
@@ -208,7 +282,9 @@ def sgdw_step_(
     (decouple_lr), p <- p * (1 - (lr / lr_max) * weight_decay). Only the decay is
     Algorithm 1's: the momentum is torch.optim.SGD's, with the lr outside the buffer.
     With `master` (master weights) the step updates the param's fp32 master. The grad
-    is unscaled by GradScaler's `grad_scale` first.
+    is unscaled by GradScaler's `grad_scale` first. With `rounding_seed` the bf16
+    param is stored rounded stochastically, as in adam_step_; `step` is then the
+    param's step count after this step's increment.
     """
     p = _master_value(param, master)
     g = _unscaled(_math_view(grad), grad_scale)
@@ -227,7 +303,10 @@ def sgdw_step_(
         direction = g + momentum * buf if nesterov else buf
     p = p - lr * direction
 
-    _store_param(param, master, p)
+    if rounding_seed is not None:
+        _store_rounded_stochastically(param, p, rounding_stream(rounding_seed, rounding_id, step))
+    else:
+        _store_param(param, master, p)
 
 
 def _l2_decayed(grad, param, weight_decay, maximize):

@@ -24,6 +24,8 @@ class SGDW(FusedOptimizer):
     state_dtype: the momentum buffers' dtype, as for fusedopt.Adam.
     master_weights: exact fp32 masters of bfloat16 and float16 params, as for
         fusedopt.Adam.
+    stochastic_rounding, rounding_seed: bfloat16 params rounded stochastically, as for
+        fusedopt.Adam; the state then counts each param's steps in 'step'.
     backend: as for fusedopt.Adam.
     """
 
@@ -44,6 +46,8 @@ class SGDW(FusedOptimizer):
         lr_max=None,
         state_dtype=None,
         master_weights=False,
+        stochastic_rounding=False,
+        rounding_seed=None,
         backend="auto",
     ):
         _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
@@ -61,7 +65,7 @@ class SGDW(FusedOptimizer):
             fused=fused,
         )
         defaults.update(_optimizer.own_defaults(decouple_lr, lr_max, state_dtype, master_weights,
-                                                decoupled=True))
+                                                True, stochastic_rounding, rounding_seed))
         super().__init__(params, defaults, backend)
 
     def __setstate__(self, state):
@@ -79,6 +83,16 @@ class SGDW(FusedOptimizer):
     def _state_keys(self, group):
         buffer = ("momentum_buffer",) if group.get("momentum", 0) != 0 else ()
         return buffer + self._master_keys(group)
+
+    def _counters(self, group):
+        # torch.optim.SGD counts no steps; stochastic rounding's random bits need a count.
+        return ("step",) if group.get("stochastic_rounding", False) else ()
+
+    def _init_states(self, batch):
+        if batch.group.get("stochastic_rounding", False):
+            for state in batch.working:
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
 
     def _hyperparameters(self, group, device):
         lr = _backend.scalar(group["lr"], "lr", device)
@@ -130,7 +144,10 @@ class SGDW(FusedOptimizer):
         args.grad_dtype = _backend.KERNEL_CODES[batch.grads[0].dtype]
         args.state_dtype = _backend.KERNEL_CODES[batch.state_dtype]
         args.momentum_mode = getattr(C.Momentum, momentum_mode)
+        if batch.group.get("stochastic_rounding", False):
+            args.steps = [batch.kernel_state(i, "step").data_ptr() for i in indices]
         self._master_arguments(args, batch, indices)
+        self._rounding_arguments(args, batch, indices)
         self._set_kernel_hyperparameters(args, batch.hyper)
         return args
 
@@ -145,19 +162,27 @@ class SGDW(FusedOptimizer):
         args.weight_decay = hyper["weight_decay"]
         args.nesterov = hyper["nesterov"]
         args.maximize = hyper["maximize"]
+        args.rounding_seed = hyper.get("rounding_seed", 0)
 
     def _reference_step(self, batch):
         h = batch.hyper
-        for param, kernel_param, grad, state in zip(batch.params, batch.kernel_params, batch.grads,
-                                                    batch.working):
+        for index, (param, kernel_param, grad, state) in enumerate(zip(
+                batch.params, batch.kernel_params, batch.grads, batch.working)):
             buffer = state.get("momentum_buffer")
             first_step = buffer is None
             if h["momentum"] != 0 and first_step:
                 buffer = torch.empty_like(param, dtype=batch.state_dtype,
                                           memory_format=torch.preserve_format)
                 state["momentum_buffer"] = buffer
+            counted = "rounding_seed" in h  # SGDW counts steps for stochastic rounding only
             reference.sgdw_step_(kernel_param, grad, _backend.local(buffer), first_step=first_step,
-                                 master=_backend.local(state.get(_optimizer.MASTER_KEY)), **h)
+                                 master=_backend.local(state.get(_optimizer.MASTER_KEY)),
+                                 step=float(state["step"]) + 1 if counted else None,
+                                 rounding_id=_optimizer.rounding_id(batch.group_index,
+                                                                    batch.param_indices[index]),
+                                 **h)
+            if counted:
+                state["step"] += 1
 
 
 def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov):

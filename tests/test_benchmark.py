@@ -40,12 +40,13 @@ def test_json_report_has_a_measured_row_per_workload(smoke_run):
     for workload in workloads:
         rows = [row for row in report["rows"] if row["workload"] == workload]
         optimizers = {(row["optimizer"], row["dtype"]) for row in rows}
-        assert len(optimizers) == 7, (workload, optimizers)  # OPTIMIZERS in bench_step.py
+        assert len(optimizers) == 8, (workload, optimizers)  # OPTIMIZERS in bench_step.py
         for optimizer, dtype in optimizers:
             by_impl = {row["impl"]: row for row in rows
                        if (row["optimizer"], row["dtype"]) == (optimizer, dtype)}
             ours = by_impl["fusedopt"]
-            # torch-fused; torch-foreach for RMSprop; fp32 masters for bf16 master weights
+            # torch-fused; torch-foreach for RMSprop; fp32 masters for bf16 master weights;
+            # fusedopt rounding to nearest for stochastic rounding
             baseline = by_impl[ours["baseline"]]
             for row in (baseline, ours):
                 assert row["error"] is None, row

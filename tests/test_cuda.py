@@ -195,3 +195,34 @@ def test_a_step_under_graph_capture_is_refused_and_changes_nothing():
     torch.cuda.synchronize()
     assert float(optimizer.state[param]["step"]) == 2.0
     assert torch.equal(param.detach(), before)
+
+
+PRECISION_MODES = {  # name: (options, param dtypes)
+    "fp32-state": (dict(state_dtype=torch.float32), (torch.bfloat16, torch.float16)),
+    "master-weights": (dict(master_weights=True), (torch.bfloat16, torch.float16)),
+    "stochastic-rounding": (dict(stochastic_rounding=True, rounding_seed=2**63 + 7), (torch.bfloat16,)),
+}
+PRECISION_CASES = [(mode, dtype) for mode, (_, dtypes) in PRECISION_MODES.items() for dtype in dtypes]
+
+
+@pytest.mark.parametrize("grad_dtype", ["param", torch.float32], ids=["grads-of-param-dtype", "fp32-grads"])
+@pytest.mark.parametrize("mode,dtype", PRECISION_CASES, ids=[f"{m}-{d}" for m, d in PRECISION_CASES])
+@pytest.mark.parametrize("name", ["AdamW", "Adam-l2-amsgrad-maximize", "SGDW-nesterov", "SGDW-plain"])
+def test_precision_modes_on_cuda_match_the_cpu_kernels_bitwise(name, mode, dtype, grad_dtype):
+    """fp32 state, master weights and stochastic rounding (the random bits are the
+    same function of seed, param, step and element on both devices)."""
+    from test_precision import OPTIMIZERS, run
+    grad_dtype = dtype if grad_dtype == "param" else grad_dtype
+    options, _ = PRECISION_MODES[mode]
+    if grad_dtype == torch.float32:
+        options = dict(options, state_dtype=torch.float32)
+    initial = make_params(SHAPES, torch.float32, seed=26)
+    grads = make_grads(SHAPES, torch.float32, STEPS, seed=26)
+    make = OPTIMIZERS[name](backend="kernel", **options)
+    cuda, cuda_opt = run(make, to_cuda(initial), [to_cuda(g) for g in grads], dtype, grad_dtype)
+    torch.cuda.synchronize()
+    cpu, cpu_opt = run(make, initial, grads, dtype, grad_dtype)
+    assert_bitwise_equal([t.cpu() for t in cuda], cpu)
+    for state_cuda, state_cpu in zip(cuda_opt.state.values(), cpu_opt.state.values()):
+        assert state_cuda.keys() == state_cpu.keys()
+        assert_bitwise_equal([state_cuda[k].cpu() for k in state_cuda], [state_cpu[k] for k in state_cuda])

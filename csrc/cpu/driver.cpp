@@ -109,14 +109,16 @@ void adam_step(const AdamStepArgs& args, int num_threads) {
   check_parallel_runtime();
   check_lists(args);
   const AdamChunkKernel kernel =
-      table().adam({args.dtype, args.grad_dtype, args.state_dtype, args.master}, args.decay,
-                   args.amsgrad, args.maximize);
+      table().adam({args.dtype, args.grad_dtype, args.state_dtype, args.master,
+                    args.stochastic_rounding},
+                   args.decay, args.amsgrad, args.maximize);
   const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
-  const std::vector<AdamScalars> scalars = advance_adam_steps(args);
+  std::vector<uint64_t> rounding_streams;
+  const std::vector<AdamScalars> scalars = advance_adam_steps(args, rounding_streams);
   const AdamKernelArgs kernel_args{as_pointers(args.params),          as_pointers(args.grads),
                                    as_pointers(args.exp_avgs),        as_pointers(args.exp_avg_sqs),
                                    as_pointers(args.max_exp_avg_sqs), as_pointers(args.masters),
-                                   scalars.data()};
+                                   scalars.data(),                    rounding_streams.data()};
   run(plan, num_threads, kernel_args, kernel);
 }
 
@@ -124,19 +126,22 @@ void sgdw_step(const SgdwStepArgs& args, int num_threads) {
   check_parallel_runtime();
   check_lists(args);
   const SgdwChunkKernel kernel =
-      table().sgdw({args.dtype, args.grad_dtype, args.state_dtype, args.master},
+      table().sgdw({args.dtype, args.grad_dtype, args.state_dtype, args.master,
+                    args.stochastic_rounding},
                    args.weight_decay != 0.0, args.momentum_mode, args.nesterov, args.maximize);
-  const SgdwKernelArgs kernel_args{as_pointers(args.params), as_pointers(args.grads),
+  const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
+  const std::vector<uint64_t> rounding_streams = advance_sgdw_steps(args);
+  const SgdwKernelArgs kernel_args{as_pointers(args.params),           as_pointers(args.grads),
                                    as_pointers(args.momentum_buffers), as_pointers(args.masters),
-                                   sgdw_scalars(args)};
-  run(plan_work(args.numels), num_threads, kernel_args, kernel);
+                                   sgdw_scalars(args),                 rounding_streams.data()};
+  run(plan, num_threads, kernel_args, kernel);
 }
 
 void adagrad_step(const AdagradStepArgs& args, int num_threads) {
   check_parallel_runtime();
   check_lists(args);
   const AdagradChunkKernel kernel =
-      table().adagrad({args.dtype, args.grad_dtype, args.state_dtype, MasterWeights::kNone},
+      table().adagrad({args.dtype, args.grad_dtype, args.state_dtype, MasterWeights::kNone, false},
                       args.weight_decay != 0.0, args.maximize);
   const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move
   const std::vector<AdagradScalars> scalars = advance_adagrad_steps(args);
@@ -149,7 +154,7 @@ void rmsprop_step(const RmspropStepArgs& args, int num_threads) {
   check_parallel_runtime();
   check_lists(args);
   const RmspropChunkKernel kernel =
-      table().rmsprop({args.dtype, args.grad_dtype, args.state_dtype, MasterWeights::kNone},
+      table().rmsprop({args.dtype, args.grad_dtype, args.state_dtype, MasterWeights::kNone, false},
                       args.weight_decay != 0.0, args.centered, args.has_momentum_buffer(),
                       args.maximize);
   const WorkPlan plan = plan_work(args.numels);  // validates before the step counters move

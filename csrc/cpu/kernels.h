@@ -21,6 +21,7 @@ struct AdamKernelArgs {
   void* const* max_exp_avg_sqs;  // null unless amsgrad
   void* const* masters;          // null unless master weights
   const AdamScalars* scalars;    // per tensor
+  const uint64_t* rounding_streams;  // per tensor; null unless stochastic rounding
 };
 
 struct SgdwKernelArgs {
@@ -29,6 +30,7 @@ struct SgdwKernelArgs {
   void* const* momentum_buffers;  // null when momentum == 0
   void* const* masters;           // null unless master weights
   SgdScalars scalars;
+  const uint64_t* rounding_streams;  // per tensor; null unless stochastic rounding
 };
 
 struct AdagradKernelArgs {
@@ -52,13 +54,14 @@ using SgdwChunkKernel = void (*)(const SgdwKernelArgs&, const Chunk&);
 using AdagradChunkKernel = void (*)(const AdagradKernelArgs&, const Chunk&);
 using RmspropChunkKernel = void (*)(const RmspropKernelArgs&, const Chunk&);
 
-// The storage types of a call's params, grads and states, and its master weights
-// (NOTE: [precision]).
+// The storage types of a call's params, grads and states, its master weights and
+// the params' rounding (NOTE: [precision]).
 struct Precision {
   ScalarType param;
   ScalarType grad;
   ScalarType state;
   MasterWeights master;
+  bool stochastic_rounding;
 };
 
 struct KernelTable {

@@ -18,6 +18,12 @@ T* slice(void* const* list, const Chunk& chunk) {
   return kPresent ? static_cast<T*>(list[chunk.tensor]) + chunk.begin : nullptr;
 }
 
+// Tensor `t`'s stochastic-rounding stream; 0 (unused) for params rounded to nearest.
+template <typename ParamT>
+uint64_t rounding_stream_of(const uint64_t* streams, int64_t t) {
+  return std::is_same_v<ParamT, StochasticBFloat16> ? streams[t] : 0;
+}
+
 // One pass over a chunk: each element of every list is loaded once, updated in
 // fp32 registers and stored once. Plain indexed loops over __restrict pointers, so
 // the compiler vectorizes the whole body, conversions included.
@@ -34,6 +40,8 @@ void adam_chunk(const AdamKernelArgs& args, const Chunk& chunk) {
   StateT* __restrict max_exp_avg_sq =
       kAmsgrad ? static_cast<StateT*>(args.max_exp_avg_sqs[t]) + chunk.begin : nullptr;
   const AdamScalars scalars = args.scalars[t];
+  const uint64_t stream = rounding_stream_of<ParamT>(args.rounding_streams, t);
+  const int64_t begin = chunk.begin;  // a local: stores may alias `chunk` (-fno-strict-aliasing)
   const int64_t n = chunk.end - chunk.begin;
   for (int64_t i = 0; i < n; ++i) {
     float p = to_float(param[i]);
@@ -46,7 +54,7 @@ void adam_chunk(const AdamKernelArgs& args, const Chunk& chunk) {
     if constexpr (kAmsgrad) v_max = to_float(max_exp_avg_sq[i]);
     adam_update<kDecay, kAmsgrad, kMaximize>(p, to_float(grad[i]), m, v, v_max, scalars);
     store_master_value<MasterT>(p, p, master_bits);
-    param[i] = from_float<ParamT>(p);
+    param[i] = round_param<ParamT>(p, stream, begin + i);
     if constexpr (kHasMaster) master[i] = from_float<MasterT>(master_bits);
     exp_avg[i] = from_float<StateT>(m);
     exp_avg_sq[i] = from_float<StateT>(v);
@@ -66,6 +74,8 @@ void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
   StateT* __restrict buffer =
       kHasBuffer ? static_cast<StateT*>(args.momentum_buffers[t]) + chunk.begin : nullptr;
   const SgdScalars scalars = args.scalars;
+  const uint64_t stream = rounding_stream_of<ParamT>(args.rounding_streams, t);
+  const int64_t begin = chunk.begin;  // a local: stores may alias `chunk` (-fno-strict-aliasing)
   const int64_t n = chunk.end - chunk.begin;
   for (int64_t i = 0; i < n; ++i) {
     float p = to_float(param[i]);
@@ -76,7 +86,7 @@ void sgdw_chunk(const SgdwKernelArgs& args, const Chunk& chunk) {
     if constexpr (kMomentum == Momentum::kRunning) b = to_float(buffer[i]);
     sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(p, to_float(grad[i]), b, scalars);
     store_master_value<MasterT>(p, p, master_bits);
-    param[i] = from_float<ParamT>(p);
+    param[i] = round_param<ParamT>(p, stream, begin + i);
     if constexpr (kHasMaster) master[i] = from_float<MasterT>(master_bits);
     if constexpr (kHasBuffer) buffer[i] = from_float<StateT>(b);
   }
@@ -129,6 +139,7 @@ void rmsprop_chunk(const RmspropKernelArgs& args, const Chunk& chunk) {
 AdamChunkKernel select_adam(const Precision& precision, WeightDecay decay, bool amsgrad,
                             bool maximize) {
   return with_precision(precision.param, precision.grad, precision.state, precision.master,
+                        precision.stochastic_rounding,
                         [&](auto param, auto grad, auto state, auto master) {
     using P = typename decltype(param)::type;
     using G = typename decltype(grad)::type;
@@ -147,6 +158,7 @@ AdamChunkKernel select_adam(const Precision& precision, WeightDecay decay, bool 
 SgdwChunkKernel select_sgdw(const Precision& precision, bool decoupled_decay, Momentum momentum,
                             bool nesterov, bool maximize) {
   return with_precision(precision.param, precision.grad, precision.state, precision.master,
+                        precision.stochastic_rounding,
                         [&](auto param, auto grad, auto state, auto master) {
     using P = typename decltype(param)::type;
     using G = typename decltype(grad)::type;

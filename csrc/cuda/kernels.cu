@@ -19,6 +19,7 @@
 #include "driver.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/dtypes.h"
+#include "fusedopt/stochastic_rounding.h"
 #include "fusedopt/update.h"
 
 namespace fusedopt::cuda {
@@ -31,7 +32,7 @@ constexpr int kParamBytes = 32000;
 
 // Every table keeps room for the largest per-tensor scalars of any kernel (Adam's),
 // so that a launch's capacity depends on its number of lists alone.
-constexpr int kTensorScalarBytes = 8;
+constexpr int kTensorScalarBytes = 16;
 
 template <int kNumLists, typename TensorScalars>
 struct LaunchTable {
@@ -46,10 +47,16 @@ struct LaunchTable {
   int32_t chunk_indices[kMaxChunks];
 };
 
-// Per-tensor part of the Adam scalars (they depend on the tensor's step count).
+// Per-tensor part of the Adam scalars (they depend on the tensor's step count), and
+// the tensor's stochastic-rounding stream (NOTE: [stochastic rounding]; unused else).
 struct AdamTensorScalars {
   float step_size;
   float bias_correction2_sqrt;
+  uint64_t rounding_stream;
+};
+// SGDW's: the stochastic-rounding stream.
+struct SgdwTensorScalars {
+  uint64_t rounding_stream;
 };
 // Per-tensor part of the Adagrad scalars: the learning rate decayed by the step count.
 struct AdagradTensorScalars {
@@ -122,14 +129,33 @@ __device__ __forceinline__ void store_vector(void* list, int64_t i, const float 
   store(reinterpret_cast<Vector<T, kVec>*>(static_cast<T*>(list) + i), stored);
 }
 
+// Where a chunk's params lie in their tensor, and the tensor's stochastic-rounding
+// stream: what round_param needs to store element i of the chunk.
+struct ParamRounding {
+  uint64_t stream;
+  int64_t first_element;  // the chunk's first element's index in its tensor
+};
+
+template <typename ParamT, int kVec>
+__device__ __forceinline__ void store_param_vector(void* list, int64_t i, const float (&values)[kVec],
+                                                   const ParamRounding& rounding) {
+  Vector<ParamT, kVec> stored;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    stored.values[e] = round_param<ParamT>(values[e], rounding.stream, rounding.first_element + i + e);
+  }
+  store(reinterpret_cast<Vector<ParamT, kVec>*>(static_cast<ParamT*>(list) + i), stored);
+}
+
 // Runs `update(values)` over every element of one chunk. List 0 is the param,
 // list 1 the grad (read only), the others are states. A list whose bit is set in
 // kWriteOnlyLists is written without being read: its values enter `update` as 0
 // (SGDW's first step fills a fresh, uninitialized buffer). Vectors hold as many
-// elements as 16 bytes of the widest list: no access is wider than 16 bytes.
+// elements as 16 bytes of the widest list: no access is wider than 16 bytes. The
+// param is stored by round_param (`rounding`: NOTE: [stochastic rounding]).
 template <typename Types, int kNumLists, unsigned kWriteOnlyLists, typename Update>
 __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists], int64_t n,
-                                             const Update& update) {
+                                             const ParamRounding& rounding, const Update& update) {
   using ParamT = typename Types::Param;
   using GradT = typename Types::Grad;
   using StateT = typename Types::State;
@@ -170,7 +196,7 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
 #pragma unroll
       for (int l = 0; l < kNumLists; ++l) values[l][e] = element[l];
     }
-    store_vector<ParamT>(pointers[0], i, values[0]);
+    store_param_vector<ParamT>(pointers[0], i, values[0], rounding);
 #pragma unroll
     for (int l = 2; l < kNumLists; ++l) {
       if (l == kMasterList) {
@@ -197,7 +223,8 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
       }
     }
     update(element);
-    store(static_cast<ParamT*>(pointers[0]) + i, from_float<ParamT>(element[0]));
+    store(static_cast<ParamT*>(pointers[0]) + i,
+          round_param<ParamT>(element[0], rounding.stream, rounding.first_element + i));
 #pragma unroll
     for (int l = 2; l < kNumLists; ++l) {
       if (l == kMasterList) {
@@ -210,13 +237,14 @@ __device__ __forceinline__ void update_chunk(void* const (&pointers)[kNumLists],
 }
 
 // The chunk this block owns: its tensor's pointers advanced to the chunk start, each
-// list by its own element size.
+// list by its own element size; `begin` is the chunk start's element index.
 template <typename Types, int kNumLists, typename TensorScalars>
 __device__ __forceinline__ int64_t locate_chunk(const LaunchTable<kNumLists, TensorScalars>& table,
-                                                void* (&pointers)[kNumLists], int& slot) {
+                                                void* (&pointers)[kNumLists], int& slot,
+                                                int64_t& begin) {
   slot = table.chunk_slots[blockIdx.x];
   const int64_t chunk = chunk_elements();
-  const int64_t begin = static_cast<int64_t>(table.chunk_indices[blockIdx.x]) * chunk;
+  begin = static_cast<int64_t>(table.chunk_indices[blockIdx.x]) * chunk;
 #pragma unroll
   for (int l = 0; l < kNumLists; ++l) {
     pointers[l] = static_cast<char*>(table.pointers[l][slot]) + begin * Types::bytes(l);
@@ -256,11 +284,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   using Types = ListTypes<ParamT, GradT, StateT, MasterT, kNumLists>;
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk<Types>(table, pointers, slot);
+  int64_t begin;
+  const int64_t n = locate_chunk<Types>(table, pointers, slot, begin);
+  const AdamTensorScalars& of_tensor = table.tensor_scalars[slot];
   AdamScalars scalars = shared;
-  scalars.step_size = table.tensor_scalars[slot].step_size;
-  scalars.bias_correction2_sqrt = table.tensor_scalars[slot].bias_correction2_sqrt;
-  update_chunk<Types, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
+  scalars.step_size = of_tensor.step_size;
+  scalars.bias_correction2_sqrt = of_tensor.bias_correction2_sqrt;
+  const ParamRounding rounding{of_tensor.rounding_stream, begin};
+  update_chunk<Types, kNumLists, 0u>(pointers, n, rounding, [&](float (&v)[kNumLists]) {
     with_master<Types>(v, [&](float& param) {
       float unused_max = 0.0f;
       adam_update<kDecay, kAmsgrad, kMaximize>(param, v[1], v[2], v[3], kAmsgrad ? v[4] : unused_max,
@@ -273,17 +304,19 @@ template <typename ParamT, typename GradT, typename StateT, typename MasterT, bo
           Momentum kMomentum, bool kNesterov, bool kMaximize>
 __global__ void __launch_bounds__(kBlockThreads)
     sgdw_kernel(const __grid_constant__ LaunchTable<
-                    num_lists<MasterT, kMomentum == Momentum::kNone ? 0 : 1>(), NoTensorScalars> table,
+                    num_lists<MasterT, kMomentum == Momentum::kNone ? 0 : 1>(), SgdwTensorScalars> table,
                 const SgdScalars scalars) {
   constexpr bool kHasBuffer = kMomentum != Momentum::kNone;
   constexpr int kNumLists = num_lists<MasterT, kHasBuffer ? 1 : 0>();
   using Types = ListTypes<ParamT, GradT, StateT, MasterT, kNumLists>;
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk<Types>(table, pointers, slot);
+  int64_t begin;
+  const int64_t n = locate_chunk<Types>(table, pointers, slot, begin);
+  const ParamRounding rounding{table.tensor_scalars[slot].rounding_stream, begin};
   // The first step creates the momentum buffer (list 2) from the gradient: it is written only.
   constexpr unsigned kWriteOnlyLists = kMomentum == Momentum::kFirstStep ? 1u << 2 : 0u;
-  update_chunk<Types, kNumLists, kWriteOnlyLists>(pointers, n, [&](float (&v)[kNumLists]) {
+  update_chunk<Types, kNumLists, kWriteOnlyLists>(pointers, n, rounding, [&](float (&v)[kNumLists]) {
     with_master<Types>(v, [&](float& param) {
       float unused_buffer = 0.0f;
       sgdw_update<kDecoupledDecay, kMomentum, kNesterov, kMaximize>(
@@ -299,10 +332,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   using Types = ListTypes<ParamT, GradT, StateT, NoMaster, 3>;
   void* pointers[3];
   int slot;
-  const int64_t n = locate_chunk<Types>(table, pointers, slot);
+  int64_t begin;
+  const int64_t n = locate_chunk<Types>(table, pointers, slot, begin);
   AdagradScalars scalars = shared;
   scalars.lr = table.tensor_scalars[slot].lr;
-  update_chunk<Types, 3, 0u>(pointers, n, [&](float (&v)[3]) {
+  update_chunk<Types, 3, 0u>(pointers, n, ParamRounding{0, begin}, [&](float (&v)[3]) {
     adagrad_update<kWeightDecay, kMaximize>(v[0], v[1], v[2], scalars);
   });
 }
@@ -323,9 +357,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   using Types = ListTypes<ParamT, GradT, StateT, NoMaster, kNumLists>;
   void* pointers[kNumLists];
   int slot;
-  const int64_t n = locate_chunk<Types>(table, pointers, slot);
+  int64_t begin;
+  const int64_t n = locate_chunk<Types>(table, pointers, slot, begin);
   constexpr int kBufferList = kMomentum ? 3 : 0;  // 0: any valid index, never used then
-  update_chunk<Types, kNumLists, 0u>(pointers, n, [&](float (&v)[kNumLists]) {
+  update_chunk<Types, kNumLists, 0u>(pointers, n, ParamRounding{0, begin}, [&](float (&v)[kNumLists]) {
     float unused_buffer = 0.0f;
     float unused_grad_avg = 0.0f;
     rmsprop_update<kWeightDecay, kCentered, kMomentum, kMaximize>(
@@ -485,17 +520,19 @@ void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   prepare_and_launch(args, lists_count, device, stream, [&](const Plans& plans,
                                                              cudaStream_t cuda_stream) {
     StepCounterRollback rollback(args.steps);
-    const std::vector<AdamScalars> scalars = advance_adam_steps(args);
+    std::vector<uint64_t> rounding_streams;
+    const std::vector<AdamScalars> scalars = advance_adam_steps(args, rounding_streams);
     const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
     std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
                                                      &args.exp_avg_sqs};
     if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
     if (has_master) lists.push_back(&args.masters);
     auto tensor_scalars_of = [&](int64_t t) {
-      return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt};
+      return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt,
+                               rounding_streams.empty() ? 0 : rounding_streams[t]};
     };
     with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
-                   [&](auto param, auto grad, auto state, auto master) {
+                   args.stochastic_rounding, [&](auto param, auto grad, auto state, auto master) {
       using P = typename decltype(param)::type;
       using G = typename decltype(grad)::type;
       using S = typename decltype(state)::type;
@@ -521,13 +558,17 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
   const int lists_count = 2 + (has_buffer ? 1 : 0) + (has_master ? 1 : 0);
   prepare_and_launch(args, lists_count, device, stream, [&](const Plans& plans,
                                                              cudaStream_t cuda_stream) {
+    StepCounterRollback rollback(args.steps);
+    const std::vector<uint64_t> rounding_streams = advance_sgdw_steps(args);
     const SgdScalars scalars = sgdw_scalars(args);
     std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
     if (has_buffer) lists.push_back(&args.momentum_buffers);
     if (has_master) lists.push_back(&args.masters);
-    auto no_tensor_scalars = [](int64_t) { return NoTensorScalars{}; };
+    auto tensor_scalars_of = [&](int64_t t) {
+      return SgdwTensorScalars{rounding_streams.empty() ? 0 : rounding_streams[t]};
+    };
     with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
-                   [&](auto param, auto grad, auto state, auto master) {
+                   args.stochastic_rounding, [&](auto param, auto grad, auto state, auto master) {
       using P = typename decltype(param)::type;
       using G = typename decltype(grad)::type;
       using S = typename decltype(state)::type;
@@ -537,15 +578,16 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
           with_bool(args.nesterov, [&](auto nesterov) {
             with_bool(args.maximize, [&](auto maximize) {
               constexpr int kNumLists = num_lists<M, momentum.value == Momentum::kNone ? 0 : 1>();
-              launch_all<LaunchTable<kNumLists, NoTensorScalars>>(
+              launch_all<LaunchTable<kNumLists, SgdwTensorScalars>>(
                   plans, lists, args.numels,
                   sgdw_kernel<P, G, S, M, decay.value, momentum.value, nesterov.value, maximize.value>,
-                  scalars, no_tensor_scalars, cuda_stream);
+                  scalars, tensor_scalars_of, cuda_stream);
             });
           });
         });
       });
     });
+    rollback.commit();
   });
 }
 

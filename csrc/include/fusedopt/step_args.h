@@ -20,6 +20,9 @@ struct AdamStepArgs {
   std::vector<uintptr_t> max_exp_avg_sqs;  // empty unless amsgrad
   std::vector<uintptr_t> steps;            // fp32 step counters in host memory, incremented here
   std::vector<uintptr_t> masters;          // empty unless master weights (NOTE: [master weights])
+  // Stochastic rounding of bf16 params (NOTE: [stochastic rounding]): per tensor, its
+  // identity in the optimizer; empty unless stochastic_rounding.
+  std::vector<uint64_t> rounding_ids;
   std::vector<int64_t> numels;
   // Storage types (NOTE: [precision] in dispatch.h): params; grads, the param's or
   // fp32; states, the param's or fp32.
@@ -31,6 +34,8 @@ struct AdamStepArgs {
   double grad_scale = 1;  // GradScaler's scale: the grads are unscaled in the pass
   WeightDecay decay = WeightDecay::kNone;
   MasterWeights master = MasterWeights::kNone;
+  uint64_t rounding_seed = 0;
+  bool stochastic_rounding = false;
   bool amsgrad = false;
   bool maximize = false;
 };
@@ -40,6 +45,10 @@ struct SgdwStepArgs {
   std::vector<uintptr_t> grads;
   std::vector<uintptr_t> momentum_buffers;  // empty when momentum == 0
   std::vector<uintptr_t> masters;           // empty unless master weights
+  // Stochastic rounding, as in AdamStepArgs; the step counters (fp32, in host memory,
+  // incremented here) exist only then, to count the rounding's steps.
+  std::vector<uint64_t> rounding_ids;
+  std::vector<uintptr_t> steps;
   std::vector<int64_t> numels;
   ScalarType dtype = ScalarType::kFloat32;  // params; grads and buffers as in AdamStepArgs
   ScalarType grad_dtype = ScalarType::kFloat32;
@@ -49,6 +58,8 @@ struct SgdwStepArgs {
   double grad_scale = 1;  // as in AdamStepArgs
   Momentum momentum_mode = Momentum::kNone;  // kFirstStep fills freshly allocated buffers
   MasterWeights master = MasterWeights::kNone;
+  uint64_t rounding_seed = 0;
+  bool stochastic_rounding = false;
   bool nesterov = false;
   bool maximize = false;
 };
@@ -68,8 +79,13 @@ void check_lists(const SgdwStepArgs& args);
 
 // Increments every tensor's host step counter and returns each tensor's scalars;
 // raises std::invalid_argument, with no counter changed, if any counter is not a
-// whole number >= 0.
-std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args);
+// whole number >= 0. With stochastic rounding, `rounding_streams` receives each
+// tensor's random stream for its new count (NOTE: [stochastic rounding]).
+std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args,
+                                            std::vector<uint64_t>& rounding_streams);
+// SGDW counts steps only to round stochastically: advances its counters as
+// advance_adam_steps and returns each tensor's random stream (none without).
+std::vector<uint64_t> advance_sgdw_steps(const SgdwStepArgs& args);
 
 struct AdagradStepArgs {
   std::vector<uintptr_t> params;
