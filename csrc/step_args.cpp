@@ -163,12 +163,15 @@ std::vector<Scalars> scalars_per_tensor(const std::vector<float>& steps, Derive 
   return scalars;
 }
 
-// Each tensor's stream for its new step count (NOTE: [stochastic rounding]).
+// Each tensor's stream for its new step count (NOTE: [stochastic rounding]). A count
+// of 2^64 or more (a whole fp32 number, but no uint64_t) counts as 2^64 - 1.
 std::vector<uint64_t> rounding_streams_of(const std::vector<uint64_t>& ids, uint64_t seed,
                                           const std::vector<float>& steps) {
+  constexpr float kTwoToThe64 = 18446744073709551616.0f;
   std::vector<uint64_t> streams(ids.size());
   for (size_t t = 0; t < ids.size(); ++t) {
-    streams[t] = rounding_stream(seed, ids[t], static_cast<uint64_t>(steps[t]));
+    const uint64_t step = steps[t] < kTwoToThe64 ? static_cast<uint64_t>(steps[t]) : UINT64_MAX;
+    streams[t] = rounding_stream(seed, ids[t], step);
   }
   return streams;
 }

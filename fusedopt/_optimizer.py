@@ -131,9 +131,12 @@ class FusedOptimizer(Optimizer):
 
     _counter_keys = ()  # state tensors the kernel counts in (Adam's "step"), after _state_keys
 
-    def _counters(self, group):
-        """The group's counter keys (SGDW counts steps only to round stochastically)."""
+    def _counters(self, hyper):
+        """The counter keys of a step with hyperparameters `hyper` (SGDW counts steps
+        only to round stochastically)."""
         return self._counter_keys
+
+    _supports_stochastic_rounding = False  # Adam, AdamW and SGDW round stochastically
     _required_group_keys = ()  # hyperparameters a loaded param group must hold
 
     def _hyperparameters(self, group, device):
@@ -161,12 +164,25 @@ class FusedOptimizer(Optimizer):
     def add_param_group(self, param_group):
         with self._lock:
             super().add_param_group(param_group)
-            if self.param_groups[-1].get("decouple_lr", False):
-                try:
-                    weight_decay.record_lr_max(self.param_groups[-1])
-                except (TypeError, ValueError):
-                    self.param_groups.pop()  # refused: the optimizer stays as it was
-                    raise
+            added = self.param_groups[-1]
+            try:
+                self._check_own_options(added)
+                if added.get("decouple_lr", False):
+                    weight_decay.record_lr_max(added)
+            except (TypeError, ValueError):
+                self.param_groups.pop()  # refused: the optimizer stays as it was
+                raise
+
+    def _check_own_options(self, group):
+        """Raises unless the group's fusedopt-only keys are values this optimizer takes."""
+        check_own_group_keys(group)
+        if group.get("stochastic_rounding", False):
+            self._check_rounds_stochastically()
+
+    def _check_rounds_stochastically(self):
+        if not self._supports_stochastic_rounding:
+            raise ValueError(f"{type(self).__name__} has no stochastic_rounding (Adam, AdamW and "
+                             "SGDW have)")
 
     # -- stepping -----------------------------------------------------------------
     # GradScaler hands the scale and the inf check to step() (the `grad_scale` and
@@ -205,14 +221,23 @@ class FusedOptimizer(Optimizer):
             raise
         return loss
 
-    def _step_hyperparameters(self, group, device, grad_scale):
-        """The group's hyperparameters for this step, GradScaler's scale among them."""
+    def _step_hyperparameters(self, group_index, group, device, grad_scale):
+        """The group's hyperparameters for this step, GradScaler's scale among them, and
+        its rounding seed when it rounds stochastically: read once, after the user code
+        of the hyperparameters ran, every part of the step takes the rounding from here."""
         hyper = self._hyperparameters(group, device)
         if self._step_supports_amp_scaling:
             hyper["grad_scale"] = grad_scale
-        if group.get("stochastic_rounding", False):
-            check_stochastic_rounding(group.get("master_weights", False), group.get("rounding_seed"))
-            hyper["rounding_seed"] = group["rounding_seed"]
+        rounds = group.get("stochastic_rounding", False)
+        try:
+            if not isinstance(rounds, bool):
+                raise TypeError(f"stochastic_rounding is True or False, got {rounds!r}")
+            if rounds:
+                self._check_rounds_stochastically()
+                hyper["rounding_seed"] = check_stochastic_rounding(
+                    group.get("master_weights", False), group.get("rounding_seed"))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"param group {group_index}: {error}") from error
         return hyper
 
     def _step(self, grad_scale=1.0):
@@ -282,8 +307,10 @@ class FusedOptimizer(Optimizer):
             plan = self._steady_plans.get(id(group))
             if plan is not None and plan.usable(self, group):
                 _backend.check_cuda_step_allowed(plan.device)
-                plan.set_hyperparameters(self, self._step_hyperparameters(group, plan.device, grad_scale))
-                item = plan.item(group)
+                hyper = self._step_hyperparameters(group_index, group, plan.device, grad_scale)
+                item = plan.item(group) if plan.rounds(hyper) else None
+                if item is not None:
+                    plan.set_hyperparameters(self, hyper)
                 if item is not None:
                     items.append(item)
                     owners.append((group, plan))
@@ -300,7 +327,7 @@ class FusedOptimizer(Optimizer):
             self._init_masters(batch)
             if not batch.use_kernel:
                 continue
-            keys = self._state_keys(batch.group) + self._counters(batch.group)
+            keys = self._state_keys(batch.group) + self._counters(batch.hyper)
             target = _backend.launch_target(batch.kernel_params[0].device)
             dicts = batch.final_state_dicts()
             for args, indices in self._kernel_calls(batch):
@@ -317,7 +344,7 @@ class FusedOptimizer(Optimizer):
 
     def _written_tensors(self, batch):
         """The tensors a kernel call on `batch` changes in place (DTensors and their shards)."""
-        keys = self._state_keys(batch.group) + self._counters(batch.group)
+        keys = self._state_keys(batch.group) + self._counters(batch.hyper)
         states = [state[key] for state in batch.working for key in keys if state.get(key) is not None]
         written = batch.params + states
         return written + [_backend.local(tensor) for tensor in written if _backend.is_dtensor(tensor)]
@@ -330,7 +357,7 @@ class FusedOptimizer(Optimizer):
             return []
         _backend.check_cuda_step_allowed(device)
         # User code (a hyperparameter's `__float__`) runs here, before any tensor is read.
-        hyper = self._step_hyperparameters(group, device, grad_scale)
+        hyper = self._step_hyperparameters(group_index, group, device, grad_scale)
         state_keys = self._state_keys(group)
         for param_index, param in enumerate(group["params"]):
             grad = param.grad
@@ -356,7 +383,7 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(
                     f"{where} is {param.dtype}: master_weights=True keeps fp32 masters of "
                     "bfloat16 and float16 params; put other params in a group without it")
-            if group.get("stochastic_rounding", False) and param.dtype != torch.bfloat16:
+            if "rounding_seed" in hyper and param.dtype != torch.bfloat16:
                 raise ValueError(
                     f"{where} is {param.dtype}: stochastic_rounding=True rounds bfloat16 params; "
                     "put other params in a group without it")
@@ -369,7 +396,7 @@ class FusedOptimizer(Optimizer):
             state = self.state.get(param)  # .get: planning adds no entries
             working = dict(state) if state else {}
             if state:
-                self._check_existing_state(param, state, state_keys, self._counters(group), where)
+                self._check_existing_state(param, state, state_keys, self._counters(hyper), where)
                 for key in state_keys:
                     tensor = state.get(key)
                     dtype = self._key_dtype(group, param, key)
@@ -416,7 +443,7 @@ class FusedOptimizer(Optimizer):
                         "refuses it. List each param once.")
         ranges = []
         for batch in batches:
-            keys = self._state_keys(batch.group) + self._counters(batch.group)
+            keys = self._state_keys(batch.group) + self._counters(batch.hyper)
             for index, param in enumerate(batch.kernel_params):
                 where = batch.describe(index)
                 ranges.append(_backend.memory_range(param, where))
@@ -474,9 +501,9 @@ class FusedOptimizer(Optimizer):
         args.master = MasterWeights.remainder if batch.params[0].dtype == torch.bfloat16 else MasterWeights.fp32
 
     def _rounding_arguments(self, args, batch, indices):
-        """Sets a compiled call's stochastic rounding: on, with the params' identities, in
-        a group with stochastic_rounding (its seed is a hyperparameter), else off."""
-        rounds = batch.group.get("stochastic_rounding", False)
+        """Sets a compiled call's stochastic rounding: on, with the params' identities,
+        when the step rounds stochastically (its seed is a hyperparameter), else off."""
+        rounds = "rounding_seed" in batch.hyper
         args.stochastic_rounding = rounds
         args.rounding_ids = [rounding_id(batch.group_index, batch.param_indices[i])
                              for i in indices] if rounds else []
@@ -520,6 +547,11 @@ class FusedOptimizer(Optimizer):
                     state_dict = hook_result
             self._check_loadable(state_dict)
             state_dict = self._with_own_group_keys(state_dict)
+            for group_index, group in enumerate(state_dict["param_groups"]):
+                try:  # as merged with the current groups' own keys
+                    self._check_own_options(group)
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"loaded param group {group_index}: {error}") from error
             pre_hooks = self._optimizer_load_state_dict_pre_hooks
             self._optimizer_load_state_dict_pre_hooks = OrderedDict()
             try:
@@ -650,14 +682,21 @@ def check_own_group_keys(group):
 
 
 def check_stochastic_rounding(master_weights, rounding_seed):
-    """Raises unless stochastic rounding can go with these options: no master weights
-    (the two are alternatives), a seed that is a whole number in [0, 2**64)."""
+    """The seed as an int; raises unless stochastic rounding can go with these options:
+    no master weights (the two are alternatives), a seed that is a whole number in
+    [0, 2**64) (numpy's integers too)."""
     if master_weights:
         raise ValueError("stochastic_rounding=True and master_weights=True are alternatives: "
                          "with master weights the param is the master rounded to nearest")
-    if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int) \
-            or not 0 <= rounding_seed < 2**64:
+    seed = None
+    if not isinstance(rounding_seed, bool):
+        try:
+            seed = operator.index(rounding_seed)
+        except TypeError:
+            pass
+    if seed is None or not 0 <= seed < 2**64:
         raise ValueError(f"Invalid rounding_seed: {rounding_seed!r}; a whole number in [0, 2**64)")
+    return seed
 
 
 def rounding_id(group_index, param_index):
@@ -701,8 +740,8 @@ def own_defaults(decouple_lr, lr_max, state_dtype, master_weights, decoupled,
                  stochastic_rounding=False, rounding_seed=None):
     """Checks fusedopt's own constructor options (Adam, AdamW, SGDW) and returns the
     defaults they add: only those in use, so that other groups hold torch.optim's keys.
-    Stochastic rounding without a seed draws one from torch's default generator, so
-    that torch.manual_seed makes the run reproducible."""
+    Stochastic rounding's seed is 0 unless given: the same on every rank, as data
+    parallel replicas need, and drawn from no generator."""
     weight_decay.check_decouple_lr(decouple_lr, lr_max, decoupled)
     check_state_dtype(state_dtype)
     for name, value in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding)):
@@ -710,10 +749,8 @@ def own_defaults(decouple_lr, lr_max, state_dtype, master_weights, decoupled,
             raise TypeError(f"{name} is True or False, got {value!r}")
     defaults = {}
     if stochastic_rounding:
-        if rounding_seed is None:
-            rounding_seed = int(torch.randint(0, 2**63 - 1, ()))
-        check_stochastic_rounding(master_weights, rounding_seed)
-        defaults.update(stochastic_rounding=True, rounding_seed=rounding_seed)
+        seed = check_stochastic_rounding(master_weights, 0 if rounding_seed is None else rounding_seed)
+        defaults.update(stochastic_rounding=True, rounding_seed=seed)
     elif rounding_seed is not None:
         raise ValueError("rounding_seed is the seed of stochastic_rounding=True, which is off")
     if decouple_lr or lr_max is not None:
@@ -780,14 +817,14 @@ class SteadyPlan:
                 or any(_backend.local(p.grad) is not g for p, g in zip(params, batch.grads))
                 or not all(map(_backend.reads_grad_plainly, params))):
             return None
-        keys = optimizer._state_keys(group) + optimizer._counters(group)
+        keys = optimizer._state_keys(group) + optimizer._counters(batch.hyper)
         states = batch.final_state_dicts()
         if any(state.get(key) is None for state in states for key in keys):
             return None
         plan = cls()
         plan.state_keys = optimizer._state_keys(group)
         plan.state_dtype = group.get("state_dtype")
-        plan.rounding = group.get("stochastic_rounding", False)
+        plan.rounding = "rounding_seed" in batch.hyper
         plan.backend = optimizer.backend
         plan.device = batch.kernel_params[0].device
         plan.args = calls[0][0]
@@ -818,6 +855,11 @@ class SteadyPlan:
                 and group.get("state_dtype") == self.state_dtype
                 and group.get("stochastic_rounding", False) == self.rounding
                 and type(group["params"]) is list)
+
+    def rounds(self, hyper):
+        """Whether this step's hyperparameters round as the plan's call does (a
+        hyperparameter's `__float__` may have switched stochastic rounding)."""
+        return ("rounding_seed" in hyper) == self.rounding
 
     def set_hyperparameters(self, optimizer, hyper):
         optimizer._set_kernel_hyperparameters(self.args, hyper)

@@ -43,8 +43,8 @@ class Adam(FusedOptimizer):
         that updates below half a bfloat16 ulp still move them on average. The random
         bits are a function of (rounding_seed, param, step, element): a run is
         reproducible, on the CPU and the GPU alike. Param group keys when True.
-    rounding_seed: the seed, a whole number in [0, 2**64); by default drawn from
-        torch's default generator (so torch.manual_seed fixes it).
+    rounding_seed: the seed, a whole number in [0, 2**64); 0 by default. Data-parallel
+        replicas (DDP) must share it, or their params drift apart.
     """
 
     def __init__(
@@ -183,6 +183,7 @@ class Adam(FusedOptimizer):
         return [(args, range(len(batch.params)))]
 
     _step_supports_amp_scaling = True
+    _supports_stochastic_rounding = True
 
     def _set_kernel_hyperparameters(self, args, hyper):
         WeightDecay = _backend._C.WeightDecay
@@ -207,7 +208,8 @@ class Adam(FusedOptimizer):
         h = batch.hyper
         local = _backend.local
         for index, (param, grad, state) in enumerate(zip(batch.kernel_params, batch.grads, batch.working)):
-            step = float(state["step"]) + 1  # counted once the update is written, as the kernel does
+            # The count after this step, incremented in fp32 as the kernel (and torch.optim) does.
+            step = float(state["step"] + 1)
             reference.adam_step_(
                 param,
                 grad,

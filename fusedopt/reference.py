@@ -136,8 +136,9 @@ def _mix64(z):
 
 def rounding_stream(seed, tensor, step):
     """The random stream of one tensor's stochastic rounding at one step (step count
-    after the increment; `tensor` is the param's (group index << 32 | index))."""
-    return _mix64(_mix64(_mix64(seed) ^ tensor) ^ int(step))
+    after the increment, 2**64 - 1 at most; `tensor` is the param's (group index << 32
+    | index))."""
+    return _mix64(_mix64(_mix64(seed) ^ tensor) ^ min(int(step), _MASK64))
 
 
 def _as_int64(word):

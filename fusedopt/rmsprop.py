@@ -113,7 +113,7 @@ class RMSprop(FusedOptimizer):
                     "grad_avg": "grad_avgs", "step": "steps"}
 
     def _kernel_calls(self, batch):
-        keys = self._state_keys(batch.group) + self._counters(batch.group)
+        keys = self._state_keys(batch.group) + self._counters(batch.hyper)
         args = batch.fill_kernel_args(_backend._C.RmspropStepArgs(),
                                       {self._STATE_LISTS[key]: key for key in keys})
         self._set_kernel_hyperparameters(args, batch.hyper)

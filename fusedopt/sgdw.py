@@ -84,12 +84,14 @@ class SGDW(FusedOptimizer):
         buffer = ("momentum_buffer",) if group.get("momentum", 0) != 0 else ()
         return buffer + self._master_keys(group)
 
-    def _counters(self, group):
+    _supports_stochastic_rounding = True
+
+    def _counters(self, hyper):
         # torch.optim.SGD counts no steps; stochastic rounding's random bits need a count.
-        return ("step",) if group.get("stochastic_rounding", False) else ()
+        return ("step",) if "rounding_seed" in hyper else ()
 
     def _init_states(self, batch):
-        if batch.group.get("stochastic_rounding", False):
+        if "rounding_seed" in batch.hyper:
             for state in batch.working:
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
@@ -144,7 +146,7 @@ class SGDW(FusedOptimizer):
         args.grad_dtype = _backend.KERNEL_CODES[batch.grads[0].dtype]
         args.state_dtype = _backend.KERNEL_CODES[batch.state_dtype]
         args.momentum_mode = getattr(C.Momentum, momentum_mode)
-        if batch.group.get("stochastic_rounding", False):
+        if "rounding_seed" in batch.hyper:
             args.steps = [batch.kernel_state(i, "step").data_ptr() for i in indices]
         self._master_arguments(args, batch, indices)
         self._rounding_arguments(args, batch, indices)
@@ -177,7 +179,7 @@ class SGDW(FusedOptimizer):
             counted = "rounding_seed" in h  # SGDW counts steps for stochastic rounding only
             reference.sgdw_step_(kernel_param, grad, _backend.local(buffer), first_step=first_step,
                                  master=_backend.local(state.get(_optimizer.MASTER_KEY)),
-                                 step=float(state["step"]) + 1 if counted else None,
+                                 step=float(state["step"] + 1) if counted else None,
                                  rounding_id=_optimizer.rounding_id(batch.group_index,
                                                                     batch.param_indices[index]),
                                  **h)

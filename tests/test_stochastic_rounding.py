@@ -186,12 +186,12 @@ def test_a_run_is_reproducible_and_the_seed_is_saved():
             param.grad = grad.to(torch.bfloat16)
         resumed.step()
     assert_bitwise_equal(params_of(resumed), params_of(first))
-    # Without a seed, one is drawn from torch's default generator.
-    torch.manual_seed(7)
-    drawn = make(stochastic_rounding=True)([torch.nn.Parameter(initial[3].bfloat16())])
-    torch.manual_seed(7)
-    redrawn = make(stochastic_rounding=True)([torch.nn.Parameter(initial[3].bfloat16())])
-    assert drawn.param_groups[0]["rounding_seed"] == redrawn.param_groups[0]["rounding_seed"]
+    # Without a seed the seed is 0, the same on every data-parallel rank, and torch's
+    # generator is left alone.
+    state = torch.get_rng_state()
+    default = make(stochastic_rounding=True)([torch.nn.Parameter(initial[3].bfloat16())])
+    assert default.param_groups[0]["rounding_seed"] == 0
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_sgdw_counts_steps_only_when_rounding_stochastically():
@@ -231,6 +231,7 @@ def test_turning_rounding_off_between_steady_steps_rounds_to_nearest():
     (dict(stochastic_rounding=True, rounding_seed=1.5), ValueError, "Invalid rounding_seed"),
     (dict(stochastic_rounding=True, rounding_seed=True), ValueError, "Invalid rounding_seed"),
     (dict(rounding_seed=3), ValueError, "rounding_seed is the seed of stochastic_rounding"),
+    (dict(stochastic_rounding=True, rounding_seed="7"), ValueError, "Invalid rounding_seed"),
 ])
 @pytest.mark.parametrize("optimizer", [fusedopt.AdamW, fusedopt.SGDW])
 def test_bad_options_are_refused_at_construction(optimizer, options, error, match):
@@ -280,3 +281,150 @@ def test_a_seed_broken_by_hand_is_refused_before_any_write():
     with pytest.raises(ValueError, match="Invalid rounding_seed"):
         optimizer.step()
     assert torch.equal(param.detach(), before) and optimizer.state[param]["step"].item() == 1
+
+
+def test_numpy_integers_are_seeds():
+    numpy = pytest.importorskip("numpy")
+    param = torch.nn.Parameter(torch.randn(16).to(torch.bfloat16))
+    optimizer = fusedopt.AdamW([param], stochastic_rounding=True, rounding_seed=numpy.uint64(2**64 - 1))
+    assert optimizer.param_groups[0]["rounding_seed"] == 2**64 - 1
+    assert type(optimizer.param_groups[0]["rounding_seed"]) is int
+
+
+class SwitchesRounding(float):
+    """A learning rate whose conversion switches stochastic rounding on `group` (once armed)."""
+
+    def __new__(cls, value, group=None, to=False):
+        made = super().__new__(cls, value)
+        made.group, made.to, made.armed = group, to, False
+        return made
+
+    def __float__(self):
+        if self.armed:
+            self.group["stochastic_rounding"] = self.to
+        return float.__float__(self)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("optimizer", [fusedopt.AdamW, fusedopt.SGDW])
+def test_rounding_switched_off_by_its_own_lr_rounds_to_nearest_that_step(optimizer, backend):
+    """The group's steady plan rounds stochastically; its lr's `__float__` turns that off
+    after the plan was found usable: the step takes the group as its hyperparameters
+    say (no rounding seed), rounding to nearest, exactly as a run switched beforehand."""
+    initial, grads = problem(seed=78)
+    outcomes = []
+    for switch_in_lr in (True, False):
+        params = [torch.nn.Parameter(p.to(torch.bfloat16)) for p in initial]
+        lr = SwitchesRounding(1e-2)
+        opt = optimizer(params, lr=lr, stochastic_rounding=True, rounding_seed=777, backend=backend)
+        lr.group = opt.param_groups[0]
+        for step, step_grads in enumerate(grads[:4]):
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.to(torch.bfloat16)
+            if step == 2:
+                if switch_in_lr:
+                    lr.armed = True
+                else:
+                    opt.param_groups[0]["stochastic_rounding"] = False
+            opt.step()
+        outcomes.append(params)
+    assert_bitwise_equal([p.detach() for p in outcomes[0]], [p.detach() for p in outcomes[1]])
+
+
+@pytest.mark.parametrize("to", [True, False])
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_rounding_switched_on_another_group_while_planning_steps_every_group_whole(backend, to):
+    """Group 2's lr switches group 1's rounding after group 1 was planned: group 1 steps
+    as planned (its hyperparameters were read first), everything once, consistently."""
+    generator = torch.Generator().manual_seed(79)
+    params = [torch.nn.Parameter(torch.randn(256, generator=generator).to(torch.bfloat16)) for _ in range(3)]
+    lr = SwitchesRounding(0.1)
+    middle = {"params": [params[1]], "stochastic_rounding": not to}
+    if not to:
+        middle["rounding_seed"] = 1
+    optimizer = fusedopt.SGDW([{"params": [params[0]]}, middle, {"params": [params[2]], "lr": lr}],
+                              lr=0.1, momentum=0.9, backend=backend)
+    lr.group, lr.to, lr.armed = optimizer.param_groups[1], to, True
+    before = [p.detach().clone() for p in params]
+    for param in params:
+        param.grad = torch.randn(256, generator=generator).to(torch.bfloat16)
+    optimizer.step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert ("step" in optimizer.state[params[1]]) == (not to)  # as planned: SGDW counts only then
+
+
+def test_a_checkpoint_that_would_combine_rounding_and_masters_is_refused_whole():
+    param = torch.nn.Parameter(torch.randn(16).to(torch.bfloat16))
+    rounding = fusedopt.AdamW([param], stochastic_rounding=True, rounding_seed=1)
+    mastered = fusedopt.AdamW([param], master_weights=True)
+    param.grad = torch.randn(16).to(torch.bfloat16)
+    mastered.step()
+    before = mastered.state_dict()
+    with pytest.raises(ValueError, match="loaded param group 0: .*are alternatives"):
+        mastered.load_state_dict(rounding.state_dict())
+    assert mastered.state_dict()["param_groups"] == before["param_groups"]
+    # A torch.optim checkpoint with a stray bad seed, merged with the current group's keys.
+    theirs = torch.optim.AdamW([param]).state_dict()
+    theirs["param_groups"][0]["rounding_seed"] = -7
+    with pytest.raises(ValueError, match="loaded param group 0: Invalid rounding_seed: -7"):
+        rounding.load_state_dict(theirs)
+    assert rounding.param_groups[0]["rounding_seed"] == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: fusedopt.Adagrad([p]), lambda p: fusedopt.RMSprop([p]),
+], ids=["Adagrad", "RMSprop"])
+def test_optimizers_without_stochastic_rounding_refuse_groups_that_ask_for_it(make):
+    param = torch.nn.Parameter(torch.randn(16).to(torch.bfloat16))
+    optimizer = make(param)
+    extra = torch.nn.Parameter(torch.randn(16).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="has no stochastic_rounding"):
+        optimizer.add_param_group({"params": [extra], "stochastic_rounding": True, "rounding_seed": 1})
+    assert len(optimizer.param_groups) == 1
+    optimizer.param_groups[0].update(stochastic_rounding=True, rounding_seed=1)
+    param.grad = torch.randn(16).to(torch.bfloat16)
+    before = param.detach().clone()
+    with pytest.raises(ValueError, match="param group 0: .*has no stochastic_rounding"):
+        optimizer.step()
+    assert torch.equal(param.detach(), before)
+
+
+@pytest.mark.parametrize("group,error,match", [
+    (dict(stochastic_rounding="yes"), TypeError, "stochastic_rounding is True or False"),
+    (dict(stochastic_rounding=True, rounding_seed=-1), ValueError, "Invalid rounding_seed"),
+    (dict(stochastic_rounding=True, rounding_seed=1, master_weights=True), ValueError, "are alternatives"),
+])
+def test_add_param_group_refuses_bad_rounding_options(group, error, match):
+    optimizer = fusedopt.AdamW([torch.nn.Parameter(torch.randn(4).bfloat16())])
+    with pytest.raises(error, match=match):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(4).bfloat16())], **group})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_a_flag_set_by_hand_to_a_non_bool_is_refused_naming_the_group():
+    param = torch.nn.Parameter(torch.randn(16).to(torch.bfloat16))
+    optimizer = fusedopt.AdamW([param])
+    optimizer.param_groups[0]["stochastic_rounding"] = 1
+    param.grad = torch.randn(16).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="param group 0: stochastic_rounding is True or False"):
+        optimizer.step()
+    assert not optimizer.state
+
+
+@pytest.mark.parametrize("count", [2.0**24, 2.0**40, 2.0**64, 2.0**100])
+@pytest.mark.parametrize("optimizer", [fusedopt.AdamW, fusedopt.SGDW])
+def test_huge_step_counts_round_alike_on_kernel_and_reference(optimizer, count):
+    """fp32 step counts stop growing at 2**24 (as torch.optim's): both paths count in
+    fp32, and counts past 2**64 take the largest 64-bit count."""
+    outcomes = []
+    for backend in ("kernel", "reference"):
+        generator = torch.Generator().manual_seed(80)
+        param = torch.nn.Parameter(torch.randn(4099, generator=generator).to(torch.bfloat16))
+        opt = optimizer([param], lr=1e-2, stochastic_rounding=True, rounding_seed=3, backend=backend)
+        param.grad = torch.randn(4099, generator=generator).to(torch.bfloat16)
+        opt.step()
+        opt.state[param]["step"].fill_(count)
+        opt.step()
+        assert opt.state[param]["step"].item() == float(torch.tensor(count) + 1)
+        outcomes.append(param.detach())
+    assert_bitwise_equal([outcomes[0]], [outcomes[1]])
