@@ -83,12 +83,16 @@ void check_step_list(const std::vector<uintptr_t>& steps, size_t expected) {
   check_list(steps, expected, "steps", one_each, sizeof(float));
 }
 
-void check_rounding(const std::vector<uint64_t>& rounding_ids, bool stochastic_rounding,
+void check_rounding(const std::vector<uint64_t>& rounding_ids,
+                    const std::vector<uint64_t>& rounding_offsets, bool stochastic_rounding,
                     size_t expected) {
-  const size_t ids = stochastic_rounding ? expected : 0;
-  if (rounding_ids.size() != ids) {
-    throw std::invalid_argument("rounding_ids has " + std::to_string(rounding_ids.size()) +
-                                " entries, expected " + std::to_string(ids));
+  const size_t entries = stochastic_rounding ? expected : 0;
+  for (const auto* list : {&rounding_ids, &rounding_offsets}) {
+    if (list->size() != entries) {
+      throw std::invalid_argument(std::string(list == &rounding_ids ? "rounding_ids" : "rounding_offsets") +
+                                  " has " + std::to_string(list->size()) + " entries, expected " +
+                                  std::to_string(entries));
+    }
   }
 }
 
@@ -106,7 +110,7 @@ void check_lists(const AdamStepArgs& args) {
   check_list(args.masters, args.master == MasterWeights::kNone ? 0 : n, "masters", args.numels,
              master_bytes(args.master));
   check_step_list(args.steps, n);
-  check_rounding(args.rounding_ids, args.stochastic_rounding, n);
+  check_rounding(args.rounding_ids, args.rounding_offsets, args.stochastic_rounding, n);
 }
 
 void check_lists(const SgdwStepArgs& args) {
@@ -118,7 +122,7 @@ void check_lists(const SgdwStepArgs& args) {
   check_list(args.masters, args.master == MasterWeights::kNone ? 0 : n, "masters", args.numels,
              master_bytes(args.master));
   check_step_list(args.steps, args.stochastic_rounding ? n : 0);
-  check_rounding(args.rounding_ids, args.stochastic_rounding, n);
+  check_rounding(args.rounding_ids, args.rounding_offsets, args.stochastic_rounding, n);
 }
 
 namespace {
@@ -163,15 +167,17 @@ std::vector<Scalars> scalars_per_tensor(const std::vector<float>& steps, Derive 
   return scalars;
 }
 
-// Each tensor's stream for its new step count (NOTE: [stochastic rounding]). A count
-// of 2^64 or more (a whole fp32 number, but no uint64_t) counts as 2^64 - 1.
-std::vector<uint64_t> rounding_streams_of(const std::vector<uint64_t>& ids, uint64_t seed,
+// Each tensor's stream for its new step count (NOTE: [stochastic rounding]), advanced
+// by its offset: the kernels' element i then draws the bits of element offset + i. A
+// count of 2^64 or more (a whole fp32 number, but no uint64_t) counts as 2^64 - 1.
+std::vector<uint64_t> rounding_streams_of(const std::vector<uint64_t>& ids,
+                                          const std::vector<uint64_t>& offsets, uint64_t seed,
                                           const std::vector<float>& steps) {
   constexpr float kTwoToThe64 = 18446744073709551616.0f;
   std::vector<uint64_t> streams(ids.size());
   for (size_t t = 0; t < ids.size(); ++t) {
     const uint64_t step = steps[t] < kTwoToThe64 ? static_cast<uint64_t>(steps[t]) : UINT64_MAX;
-    streams[t] = rounding_stream(seed, ids[t], step);
+    streams[t] = rounding_stream(seed, ids[t], step) + kGoldenGamma * offsets[t];
   }
   return streams;
 }
@@ -181,12 +187,13 @@ std::vector<uint64_t> rounding_streams_of(const std::vector<uint64_t>& ids, uint
 std::vector<AdamScalars> advance_adam_steps(const AdamStepArgs& args,
                                             std::vector<uint64_t>& rounding_streams) {
   const std::vector<float> steps = advance_step_counters(args.steps);
-  rounding_streams = rounding_streams_of(args.rounding_ids, args.rounding_seed, steps);
+  rounding_streams = rounding_streams_of(args.rounding_ids, args.rounding_offsets, args.rounding_seed,
+                                         steps);
   return scalars_per_tensor<AdamScalars>(steps, [&](double step) { return adam_scalars(args, step); });
 }
 
 std::vector<uint64_t> advance_sgdw_steps(const SgdwStepArgs& args) {
-  return rounding_streams_of(args.rounding_ids, args.rounding_seed,
+  return rounding_streams_of(args.rounding_ids, args.rounding_offsets, args.rounding_seed,
                              advance_step_counters(args.steps));
 }
 

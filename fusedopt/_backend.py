@@ -121,6 +121,22 @@ def local(tensor):
     return tensor
 
 
+def rounding_offset(param):
+    """The index, in the whole param in row-major order, of a DTensor shard's first
+    element (0 for other tensors): stochastic rounding counts the shard's elements from
+    it (NOTE: [stochastic rounding]). Exact for shards along dim 0 (FSDP2), which are
+    contiguous ranges of the whole; shards along other dims get distinct offsets."""
+    if not is_dtensor(param):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    _, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    offset, stride = 0, 1
+    for size, dim_offset in zip(reversed(param.shape), reversed(offsets)):
+        offset += dim_offset * stride
+        stride *= size
+    return offset
+
+
 def check_dtensor(param, other, what, where):
     """Raises unless a DTensor param's grad or state (`what`) is a DTensor on the same
     mesh with the same placements, and the param's placements make its local shard

@@ -507,6 +507,8 @@ class FusedOptimizer(Optimizer):
         args.stochastic_rounding = rounds
         args.rounding_ids = [rounding_id(batch.group_index, batch.param_indices[i])
                              for i in indices] if rounds else []
+        args.rounding_offsets = [_backend.rounding_offset(batch.params[i])
+                                 for i in indices] if rounds else []
 
     def _use_kernel(self, device, param, where, grad_dtype, state_dtype):
         if self.backend == "reference":

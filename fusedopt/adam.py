@@ -219,6 +219,7 @@ class Adam(FusedOptimizer):
                 step,
                 master=local(state.get(_optimizer.MASTER_KEY)),
                 rounding_id=_optimizer.rounding_id(batch.group_index, batch.param_indices[index]),
+                rounding_offset=_backend.rounding_offset(batch.params[index]),
                 **h,
             )
             state["step"] += 1

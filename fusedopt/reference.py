@@ -175,11 +175,12 @@ def _memory_indices(tensor):
     return indices.expand(tensor.shape)
 
 
-def _store_rounded_stochastically(param, value, stream):
+def _store_rounded_stochastically(param, value, stream, offset):
     """Writes the fp32 `value` to the bf16 `param`, each element truncated after its
-    random bits are added to its low 16 bits; NaN becomes the canonical NaN."""
+    random bits (its index counted from `offset`) are added to its low 16 bits; NaN
+    becomes the canonical NaN."""
     bits = value.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    rounded = (bits + rounding_bits(stream, _memory_indices(param))) >> 16
+    rounded = (bits + rounding_bits(stream, _memory_indices(param) + offset)) >> 16
     rounded = torch.where(value.isnan(), 0x7FC0, rounded & 0xFFFF)
     param.view(torch.int16).copy_(_bit_patterns(rounded, torch.int16))
 
@@ -212,6 +213,7 @@ def adam_step_(
     grad_scale=1.0,
     rounding_seed=None,
     rounding_id=0,
+    rounding_offset=0,
 ):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step, in place.
 
@@ -220,7 +222,8 @@ def adam_step_(
     decoupled decay is (lr / lr_max) * weight_decay. With `master` (master weights)
     the step updates the param's fp32 master and writes both. The grad is unscaled
     by GradScaler's `grad_scale` first. With `rounding_seed` (stochastic rounding) the
-    bf16 param, the `rounding_id`-th tensor, is stored rounded stochastically.
+    bf16 param, the `rounding_id`-th tensor, is stored rounded stochastically, its
+    elements counted from `rounding_offset` (a DTensor shard's offset in its param).
     """
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
@@ -248,7 +251,8 @@ def adam_step_(
     p = p - (step_size * m) / denom
 
     if rounding_seed is not None:
-        _store_rounded_stochastically(param, p, rounding_stream(rounding_seed, rounding_id, step))
+        _store_rounded_stochastically(param, p, rounding_stream(rounding_seed, rounding_id, step),
+                                      rounding_offset)
     else:
         _store_param(param, master, p)
     _store(exp_avg, m)
@@ -274,6 +278,7 @@ def sgdw_step_(
     step=None,
     rounding_seed=None,
     rounding_id=0,
+    rounding_offset=0,
 ):
     """One SGDW step, in place.
 
@@ -305,7 +310,8 @@ def sgdw_step_(
     p = p - lr * direction
 
     if rounding_seed is not None:
-        _store_rounded_stochastically(param, p, rounding_stream(rounding_seed, rounding_id, step))
+        _store_rounded_stochastically(param, p, rounding_stream(rounding_seed, rounding_id, step),
+                                      rounding_offset)
     else:
         _store_param(param, master, p)
 

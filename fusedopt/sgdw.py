@@ -182,6 +182,7 @@ class SGDW(FusedOptimizer):
                                  step=float(state["step"] + 1) if counted else None,
                                  rounding_id=_optimizer.rounding_id(batch.group_index,
                                                                     batch.param_indices[index]),
+                                 rounding_offset=_backend.rounding_offset(param),
                                  **h)
             if counted:
                 state["step"] += 1

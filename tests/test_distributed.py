@@ -219,6 +219,46 @@ def test_fsdp2_and_tensor_parallel_training_steps_like_torch_optim():
 
 # -- DCP: save, load, reshard ---------------------------------------------------------------
 
+def stochastic_rounding_worker(rank, world_size):
+    """bf16 params sharded along dim 0 (FSDP2's layout; 37 rows: uneven shards) or
+    replicated, stepped with stochastic rounding: each shard draws the random bits of
+    its elements in the whole param, so the whole equals, bit for bit, the same run
+    unsharded; Shard(1) shards draw distinct bits (not those of the whole)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    generator = torch.Generator().manual_seed(90)
+    start = torch.randn(37, 24, generator=generator).to(torch.bfloat16)
+    grads = [torch.randn(37, 24, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    for make in (lambda p, b: fusedopt.AdamW(p, lr=1e-3, stochastic_rounding=True, rounding_seed=9, backend=b),
+                 lambda p, b: fusedopt.SGDW(p, lr=1e-2, momentum=0.9, stochastic_rounding=True,
+                                            rounding_seed=9, backend=b)):
+        for backend in ("kernel", "reference"):
+            whole = torch.nn.Parameter(start.clone())
+            unsharded = make([whole], backend)
+            results = {}
+            for name, placements in (("shard0", [Shard(0)]), ("replicate", [Replicate()]),
+                                     ("shard1", [Shard(1)])):
+                param = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, placements))
+                optimizer = make([param], backend)
+                for grad in grads:
+                    param.grad = distribute_tensor(grad, mesh, placements)
+                    optimizer.step()
+                results[name] = full(param)
+            for grad in grads:
+                whole.grad = grad.clone()
+                unsharded.step()
+            where = f"rank {rank}, {type(unsharded).__name__}, {backend}"
+            assert torch.equal(results["shard0"], whole.detach()), where
+            assert torch.equal(results["replicate"], whole.detach()), where
+            assert not torch.equal(results["shard1"], whole.detach()), where
+
+
+def test_stochastic_rounding_of_shards_is_that_of_the_whole_param():
+    spawn(stochastic_rounding_worker)
+
+
 def seeded_grads(params, step):
     """The same full gradient on any number of ranks, sharded like each param."""
     from torch.distributed.tensor import DTensor, distribute_tensor

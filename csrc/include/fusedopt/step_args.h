@@ -21,8 +21,10 @@ struct AdamStepArgs {
   std::vector<uintptr_t> steps;            // fp32 step counters in host memory, incremented here
   std::vector<uintptr_t> masters;          // empty unless master weights (NOTE: [master weights])
   // Stochastic rounding of bf16 params (NOTE: [stochastic rounding]): per tensor, its
-  // identity in the optimizer; empty unless stochastic_rounding.
+  // identity in the optimizer and the index its first element counts as (a DTensor
+  // shard's offset in the whole param); empty unless stochastic_rounding.
   std::vector<uint64_t> rounding_ids;
+  std::vector<uint64_t> rounding_offsets;
   std::vector<int64_t> numels;
   // Storage types (NOTE: [precision] in dispatch.h): params; grads, the param's or
   // fp32; states, the param's or fp32.
@@ -48,6 +50,7 @@ struct SgdwStepArgs {
   // Stochastic rounding, as in AdamStepArgs; the step counters (fp32, in host memory,
   // incremented here) exist only then, to count the rounding's steps.
   std::vector<uint64_t> rounding_ids;
+  std::vector<uint64_t> rounding_offsets;
   std::vector<uintptr_t> steps;
   std::vector<int64_t> numels;
   ScalarType dtype = ScalarType::kFloat32;  // params; grads and buffers as in AdamStepArgs

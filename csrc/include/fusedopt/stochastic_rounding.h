@@ -25,7 +25,10 @@ namespace fusedopt {
 // Mix13 constants), a bijection of 64-bit words; the per-element part is SplitMix64's
 // counter-based form, the generator of java.util.SplittableRandom. `tensor` is the
 // param's (group index << 32 | index in its group), `step` the tensor's step count
-// after this step's increment, `element` the index in the tensor's memory order.
+// after this step's increment, `element` the index in the tensor's memory order plus
+// the tensor's offset: a DTensor shard's first element's index in the whole param
+// (row-major), so that sharding along dim 0 (FSDP2) draws the bits of the unsharded
+// run and replicas draw the same; the host adds kGoldenGamma * offset to the stream.
 // fusedopt/reference.py computes the same in Python and torch integer ops.
 constexpr uint64_t kGoldenGamma = 0x9e3779b97f4a7c15ull;
 
