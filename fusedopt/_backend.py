@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch.autograd.graph import increment_version
 
+from fusedopt import reference
+
 
 def _unbuilt_explanation(package_dir):
     """Plain words for a package directory that has no fusedopt._C."""
@@ -122,19 +124,43 @@ def local(tensor):
 
 
 def rounding_offset(param):
-    """The index, in the whole param in row-major order, of a DTensor shard's first
-    element (0 for other tensors): stochastic rounding counts the shard's elements from
-    it (NOTE: [stochastic rounding]). Exact for shards along dim 0 (FSDP2), which are
-    contiguous ranges of the whole; shards along other dims get distinct offsets."""
+    """Where stochastic rounding counts a DTensor shard's elements from (NOTE:
+    [stochastic rounding]); 0 for other tensors. A shard that is a contiguous range of
+    the whole param in row-major order (any shard along dim 0: FSDP2; a replica) counts
+    from its first element's index in the whole, so it draws the bits the unsharded
+    param draws there. Any other shard counts from a pseudo-random 64-bit offset of
+    its coordinates on the sharded mesh dims: distinct bits for distinct shards (two
+    ranges of n elements overlap with a chance of about 2n / 2**64), the same for
+    replicas."""
     if not is_dtensor(param):
         return 0
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    _, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    offset, stride = 0, 1
-    for size, dim_offset in zip(reversed(param.shape), reversed(offsets)):
-        offset += dim_offset * stride
-        stride *= size
-    return offset
+
+    mesh, placements = param.device_mesh, param.placements
+    if all(type(placement) in (Shard, Replicate) for placement in placements):
+        local_shape, offsets = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+        if _is_row_major_range(local_shape, param.shape):
+            offset, stride = 0, 1
+            for size, dim_offset in zip(reversed(param.shape), reversed(offsets)):
+                offset += dim_offset * stride
+                stride *= size
+            return offset
+    coordinate = mesh.get_coordinate() or [0] * mesh.ndim
+    shard_key = 0
+    for dim, placement in enumerate(placements):
+        shard_key = shard_key * mesh.size(dim) + (0 if placement.is_replicate() else coordinate[dim])
+    return reference.mix64(shard_key + 1)
+
+
+def _is_row_major_range(local_shape, global_shape):
+    """Whether a block of `local_shape` elements, at any offset in a row-major tensor of
+    `global_shape`, is one contiguous range: whole in every dim after the innermost dim
+    it cuts, and a single index in every dim before that one."""
+    cuts = [dim for dim, (local, whole) in enumerate(zip(local_shape, global_shape)) if local != whole]
+    if not cuts or math.prod(local_shape) == 0:
+        return True
+    return all(size == 1 for size in local_shape[:cuts[-1]])
 
 
 def check_dtensor(param, other, what, where):

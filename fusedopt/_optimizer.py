@@ -36,13 +36,17 @@ class Batch:
     """Params of one group that share a dtype and a path (kernel or reference), with
     their grads and, per param, the state the step works on before it is committed."""
 
-    __slots__ = ("group", "group_index", "hyper", "use_kernel", "state_dtype", "params",
-                 "kernel_params", "param_indices", "grads", "states", "working")
+    __slots__ = ("group", "group_index", "hyper", "state_keys", "use_kernel", "state_dtype",
+                 "params", "kernel_params", "param_indices", "grads", "states", "working")
 
-    def __init__(self, group, group_index, hyper, use_kernel, state_dtype):
+    def __init__(self, group, group_index, hyper, state_keys, use_kernel, state_dtype):
         self.group = group
         self.group_index = group_index
+        # What the step does with the group, read once when it was planned (a hook or
+        # another thread may change the group's keys since): its hyperparameters, and
+        # its state keys (master weights or not).
         self.hyper = hyper
+        self.state_keys = state_keys
         self.use_kernel = use_kernel
         self.state_dtype = state_dtype  # of every state tensor shaped like a param
         self.params = []
@@ -327,7 +331,7 @@ class FusedOptimizer(Optimizer):
             self._init_masters(batch)
             if not batch.use_kernel:
                 continue
-            keys = self._state_keys(batch.group) + self._counters(batch.hyper)
+            keys = batch.state_keys + self._counters(batch.hyper)
             target = _backend.launch_target(batch.kernel_params[0].device)
             dicts = batch.final_state_dicts()
             for args, indices in self._kernel_calls(batch):
@@ -344,7 +348,7 @@ class FusedOptimizer(Optimizer):
 
     def _written_tensors(self, batch):
         """The tensors a kernel call on `batch` changes in place (DTensors and their shards)."""
-        keys = self._state_keys(batch.group) + self._counters(batch.hyper)
+        keys = batch.state_keys + self._counters(batch.hyper)
         states = [state[key] for state in batch.working for key in keys if state.get(key) is not None]
         written = batch.params + states
         return written + [_backend.local(tensor) for tensor in written if _backend.is_dtensor(tensor)]
@@ -358,8 +362,11 @@ class FusedOptimizer(Optimizer):
         _backend.check_cuda_step_allowed(device)
         # User code (a hyperparameter's `__float__`) runs here, before any tensor is read.
         hyper = self._step_hyperparameters(group_index, group, device, grad_scale)
-        state_keys = self._state_keys(group)
-        for param_index, param in enumerate(group["params"]):
+        # The group's keys as of now: checks of the params below may run user code
+        # (`__torch_function__`) that changes them, and the step keeps to one reading.
+        settings = dict(group)
+        state_keys = self._state_keys(settings)
+        for param_index, param in enumerate(settings["params"]):
             grad = param.grad
             if grad is None:
                 continue
@@ -379,7 +386,7 @@ class FusedOptimizer(Optimizer):
                     "memory, so give it resolved data (p.data = p.data.resolve_conj().resolve_neg())"
                 )
             _backend.check_memory(param, where)
-            if group.get("master_weights", False) and param.dtype not in _backend.LOW_PRECISION:
+            if MASTER_KEY in state_keys and param.dtype not in _backend.LOW_PRECISION:
                 raise ValueError(
                     f"{where} is {param.dtype}: master_weights=True keeps fp32 masters of "
                     "bfloat16 and float16 params; put other params in a group without it")
@@ -387,19 +394,19 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(
                     f"{where} is {param.dtype}: stochastic_rounding=True rounds bfloat16 params; "
                     "put other params in a group without it")
-            state_dtype = self._state_dtype(group, param)
+            state_dtype = self._state_dtype(settings, param)
             use_kernel = self._use_kernel(device, kernel_param, where, grad.dtype, state_dtype)
             batch = batches.get((param.dtype, grad.dtype, use_kernel))
             if batch is None:
                 batch = batches[(param.dtype, grad.dtype, use_kernel)] = Batch(
-                    group, group_index, hyper, use_kernel, state_dtype)
+                    group, group_index, hyper, state_keys, use_kernel, state_dtype)
             state = self.state.get(param)  # .get: planning adds no entries
             working = dict(state) if state else {}
             if state:
                 self._check_existing_state(param, state, state_keys, self._counters(hyper), where)
                 for key in state_keys:
                     tensor = state.get(key)
-                    dtype = self._key_dtype(group, param, key)
+                    dtype = self._key_dtype(settings, param, key)
                     if tensor is not None and _backend.needs_relayout(tensor, param, use_kernel, dtype):
                         working[key] = _backend.relaid_out(tensor, param, dtype)
             if _backend.needs_relayout(grad, param, use_kernel):
@@ -443,7 +450,7 @@ class FusedOptimizer(Optimizer):
                         "refuses it. List each param once.")
         ranges = []
         for batch in batches:
-            keys = self._state_keys(batch.group) + self._counters(batch.hyper)
+            keys = batch.state_keys + self._counters(batch.hyper)
             for index, param in enumerate(batch.kernel_params):
                 where = batch.describe(index)
                 ranges.append(_backend.memory_range(param, where))
@@ -483,7 +490,7 @@ class FusedOptimizer(Optimizer):
     def _init_masters(self, batch):
         """Gives each param of a master-weights group without a master one that is the
         param exactly: a zero remainder (bf16), the param in fp32 (fp16)."""
-        if not self._master_keys(batch.group):
+        if MASTER_KEY not in batch.state_keys:
             return
         for param, state in zip(batch.params, batch.working):
             if state.get(MASTER_KEY) is None:
@@ -494,7 +501,7 @@ class FusedOptimizer(Optimizer):
     def _master_arguments(self, args, batch, indices):
         """Points a compiled call at the masters of `indices` (none without master weights)."""
         MasterWeights = _backend._C.MasterWeights
-        if not self._master_keys(batch.group):
+        if MASTER_KEY not in batch.state_keys:
             args.master = MasterWeights.none
             return
         args.masters = [batch.kernel_state(i, MASTER_KEY).data_ptr() for i in indices]
@@ -819,12 +826,12 @@ class SteadyPlan:
                 or any(_backend.local(p.grad) is not g for p, g in zip(params, batch.grads))
                 or not all(map(_backend.reads_grad_plainly, params))):
             return None
-        keys = optimizer._state_keys(group) + optimizer._counters(batch.hyper)
+        keys = batch.state_keys + optimizer._counters(batch.hyper)
         states = batch.final_state_dicts()
         if any(state.get(key) is None for state in states for key in keys):
             return None
         plan = cls()
-        plan.state_keys = optimizer._state_keys(group)
+        plan.state_keys = batch.state_keys
         plan.state_dtype = group.get("state_dtype")
         plan.rounding = "rounding_seed" in batch.hyper
         plan.backend = optimizer.backend

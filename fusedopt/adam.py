@@ -154,7 +154,7 @@ class Adam(FusedOptimizer):
         )
 
     def _init_states(self, batch):
-        amsgrad = batch.group["amsgrad"]
+        amsgrad = batch.hyper["amsgrad"]
         moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         missing = []  # (state, key, param), in the order torch.optim.Adam creates them
         for param, state in zip(batch.params, batch.working):

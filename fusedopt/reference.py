@@ -22,8 +22,8 @@ import math
 
 import torch
 
-__all__ = ["adam_step_", "sgdw_step_", "adagrad_step_", "rmsprop_step_", "rounding_stream",
-           "rounding_bits"]
+__all__ = ["adam_step_", "sgdw_step_", "adagrad_step_", "rmsprop_step_", "mix64",
+           "rounding_stream", "rounding_bits"]
 
 
 def _math_view(tensor):
@@ -128,7 +128,8 @@ _MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
 
 
-def _mix64(z):
+def mix64(z):
+    """SplitMix64's output function: a bijection of 64-bit words (Python ints)."""
     z = ((z ^ (z >> 30)) * _MIX_MULTIPLIERS[0]) & _MASK64
     z = ((z ^ (z >> 27)) * _MIX_MULTIPLIERS[1]) & _MASK64
     return z ^ (z >> 31)
@@ -138,7 +139,7 @@ def rounding_stream(seed, tensor, step):
     """The random stream of one tensor's stochastic rounding at one step (step count
     after the increment, 2**64 - 1 at most; `tensor` is the param's (group index << 32
     | index))."""
-    return _mix64(_mix64(_mix64(seed) ^ tensor) ^ min(int(step), _MASK64))
+    return mix64(mix64(mix64(seed) ^ tensor) ^ min(int(step), _MASK64))
 
 
 def _as_int64(word):
@@ -177,10 +178,11 @@ def _memory_indices(tensor):
 
 def _store_rounded_stochastically(param, value, stream, offset):
     """Writes the fp32 `value` to the bf16 `param`, each element truncated after its
-    random bits (its index counted from `offset`) are added to its low 16 bits; NaN
-    becomes the canonical NaN."""
+    random bits (its index counted from `offset`, folded into the stream as the
+    kernels' host code does) are added to its low 16 bits; NaN becomes the canonical NaN."""
+    stream = (stream + _GOLDEN_GAMMA * offset) & _MASK64
     bits = value.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    rounded = (bits + rounding_bits(stream, _memory_indices(param) + offset)) >> 16
+    rounded = (bits + rounding_bits(stream, _memory_indices(param))) >> 16
     rounded = torch.where(value.isnan(), 0x7FC0, rounded & 0xFFFF)
     param.view(torch.int16).copy_(_bit_patterns(rounded, torch.int16))
 

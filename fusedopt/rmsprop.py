@@ -97,7 +97,7 @@ class RMSprop(FusedOptimizer):
         )
 
     def _init_states(self, batch):
-        keys = self._state_keys(batch.group)
+        keys = batch.state_keys
         missing = []  # (state, key, param), in the order torch.optim.RMSprop creates them
         for param, state in zip(batch.params, batch.working):
             missing += [(state, key, param) for key in keys if key not in state]
@@ -113,7 +113,7 @@ class RMSprop(FusedOptimizer):
                     "grad_avg": "grad_avgs", "step": "steps"}
 
     def _kernel_calls(self, batch):
-        keys = self._state_keys(batch.group) + self._counters(batch.hyper)
+        keys = batch.state_keys + self._counters(batch.hyper)
         args = batch.fill_kernel_args(_backend._C.RmspropStepArgs(),
                                       {self._STATE_LISTS[key]: key for key in keys})
         self._set_kernel_hyperparameters(args, batch.hyper)

@@ -223,7 +223,8 @@ def stochastic_rounding_worker(rank, world_size):
     """bf16 params sharded along dim 0 (FSDP2's layout; 37 rows: uneven shards) or
     replicated, stepped with stochastic rounding: each shard draws the random bits of
     its elements in the whole param, so the whole equals, bit for bit, the same run
-    unsharded; Shard(1) shards draw distinct bits (not those of the whole)."""
+    unsharded; Shard(1) shards, not ranges of the whole, count from distinct
+    pseudo-random offsets whose ranges do not meet."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -246,6 +247,11 @@ def stochastic_rounding_worker(rank, world_size):
                     param.grad = distribute_tensor(grad, mesh, placements)
                     optimizer.step()
                 results[name] = full(param)
+                if name == "shard1":
+                    offsets = [None] * world_size
+                    dist.all_gather_object(offsets, fusedopt._backend.rounding_offset(param))
+                    ranges = sorted((offset, offset + param.to_local().numel()) for offset in offsets)
+                    assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:])), ranges
             for grad in grads:
                 whole.grad = grad.clone()
                 unsharded.step()

@@ -232,8 +232,8 @@ class FlipsMasterWeights(float):
 
 def test_master_weights_turned_on_while_another_group_is_planned_step_whole():
     """Group 2's lr turns master weights on for group 1 after group 1 was planned
-    without them: the launch check refuses the call no kernel serves before anything
-    runs, the step is planned again, and every group steps once, consistently."""
+    without them: group 1 steps as it was planned (its keys are read once per step),
+    every group once, consistently; the next step takes the master weights."""
     generator = torch.Generator().manual_seed(67)
     steady = torch.nn.Parameter(torch.randn(64, generator=generator))
     low = torch.nn.Parameter(torch.randn(64, generator=generator).to(torch.bfloat16))
@@ -247,6 +247,9 @@ def test_master_weights_turned_on_while_another_group_is_planned_step_whole():
     optimizer.step()
     assert optimizer.state[steady]["step"].item() == 2
     state = optimizer.state[low]
-    assert state["step"].item() == 1 and state["master_param"].dtype == torch.int16
-    assert state["exp_avg"].dtype == torch.float32
+    assert state["step"].item() == 1 and "master_param" not in state
+    assert state["exp_avg"].dtype == torch.bfloat16
     assert optimizer.state[last]["step"].item() == 1
+    optimizer.step()
+    assert state["step"].item() == 2 and state["master_param"].dtype == torch.int16
+    assert state["exp_avg"].dtype == torch.float32

@@ -50,7 +50,7 @@ def params_of(optimizer):
 
 def test_the_random_bits_are_splitmix64_and_agree_with_the_kernels():
     # SplitMix64 seeded with 0 gives 0xE220A8397B1DCDAF first: mix64 of the golden gamma.
-    assert reference._mix64(reference._GOLDEN_GAMMA) == 0xE220A8397B1DCDAF
+    assert reference.mix64(reference._GOLDEN_GAMMA) == 0xE220A8397B1DCDAF
     generator = torch.Generator().manual_seed(71)
     words = torch.randint(0, 2**62, (400, 4), generator=generator).tolist()
     cases = [(s * 4 + 3, t, step % 2**24 + 1, e % 2**40) for s, t, step, e in words]
@@ -428,3 +428,18 @@ def test_huge_step_counts_round_alike_on_kernel_and_reference(optimizer, count):
         assert opt.state[param]["step"].item() == float(torch.tensor(count) + 1)
         outcomes.append(param.detach())
     assert_bitwise_equal([outcomes[0]], [outcomes[1]])
+
+
+@pytest.mark.parametrize("local,whole,contiguous", [
+    ((3, 24), (37, 24), True),  # a dim-0 shard (FSDP2)
+    ((37, 12), (37, 24), False),  # a dim-1 shard
+    ((1, 12), (1, 24), True),  # cut in dim 1, nothing before it
+    ((1, 2, 24), (4, 6, 24), True),  # one index of dim 0, a range of dim 1
+    ((2, 2, 24), (4, 6, 24), False),
+    ((2, 6, 12), (4, 6, 24), False),  # cut in dim 0 and again in dim 2
+    ((0, 24), (37, 24), True),  # an empty shard
+    ((37, 24), (37, 24), True),  # a replica
+])
+def test_which_shards_are_ranges_of_the_whole_param(local, whole, contiguous):
+    """Only those draw the unsharded run's bits (the others draw distinct ones)."""
+    assert _backend._is_row_major_range(local, whole) is contiguous
