@@ -34,17 +34,21 @@ constexpr int kParamBytes = 32000;
 // so that a launch's capacity depends on its number of lists alone.
 constexpr int kTensorScalarBytes = 16;
 
+// A chunk's slot (its tensor's place in the table) fits in one byte.
+static_assert(kMaxTensors <= 256, "chunk slots are uint8_t");
+
 template <int kNumLists, typename TensorScalars>
 struct LaunchTable {
   static_assert(sizeof(TensorScalars) <= kTensorScalarBytes, "per-tensor scalars exceed their room");
   static constexpr int kPerTensorBytes = kNumLists * 8 + 8 + kTensorScalarBytes;
-  static constexpr int kMaxChunks = (kParamBytes - 256 - kMaxTensors * kPerTensorBytes) / 8;
+  static constexpr int kPerChunkBytes = sizeof(int32_t) + sizeof(uint8_t);
+  static constexpr int kMaxChunks = (kParamBytes - 256 - kMaxTensors * kPerTensorBytes) / kPerChunkBytes;
 
   void* pointers[kNumLists][kMaxTensors];
   int64_t numels[kMaxTensors];
   TensorScalars tensor_scalars[kMaxTensors];
-  int32_t chunk_slots[kMaxChunks];
   int32_t chunk_indices[kMaxChunks];
+  uint8_t chunk_slots[kMaxChunks];
 };
 
 // Per-tensor part of the Adam scalars (they depend on the tensor's step count), and
@@ -460,7 +464,7 @@ void launch_all(const std::vector<LaunchPlan>& plans,
       table.tensor_scalars[slot] = tensor_scalars_of(tensor);
     }
     for (size_t c = 0; c < plan.chunk_slots.size(); ++c) {
-      table.chunk_slots[c] = plan.chunk_slots[c];
+      table.chunk_slots[c] = static_cast<uint8_t>(plan.chunk_slots[c]);  // < kMaxTensors
       table.chunk_indices[c] = plan.chunk_indices[c];
     }
     launch_kernel(kernel, static_cast<unsigned>(plan.chunk_slots.size()), kBlockThreads, stream,
