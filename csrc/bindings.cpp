@@ -149,6 +149,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("weight_decay", &AdamStepArgs::weight_decay)
       .def_readwrite("lr_max", &AdamStepArgs::lr_max)
       .def_readwrite("grad_scale", &AdamStepArgs::grad_scale)
+      .def_readwrite("found_inf", &AdamStepArgs::found_inf)
+      .def_readwrite("scale", &AdamStepArgs::scale)
       .def_readwrite("decay", &AdamStepArgs::decay)
       .def_readwrite("amsgrad", &AdamStepArgs::amsgrad)
       .def_readwrite("maximize", &AdamStepArgs::maximize);
@@ -174,6 +176,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("weight_decay", &SgdwStepArgs::weight_decay)
       .def_readwrite("lr_max", &SgdwStepArgs::lr_max)
       .def_readwrite("grad_scale", &SgdwStepArgs::grad_scale)
+      .def_readwrite("found_inf", &SgdwStepArgs::found_inf)
+      .def_readwrite("scale", &SgdwStepArgs::scale)
       .def_readwrite("momentum_mode", &SgdwStepArgs::momentum_mode)
       .def_readwrite("nesterov", &SgdwStepArgs::nesterov)
       .def_readwrite("maximize", &SgdwStepArgs::maximize);

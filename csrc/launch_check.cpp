@@ -53,6 +53,7 @@
 #include "cpu/driver.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/step_args.h"
+#include "fusedopt/step_count.h"
 #if defined(FUSEDOPT_WITH_CUDA)
 #include "cuda/driver.h"
 #endif
@@ -176,13 +177,21 @@ void measure(const int64_t* dims, size_t ndim, Layout* layout) {
   layout->dense = true;
 }
 
-// Whether the float32 step counter at `address` is a whole number >= 0: one set in
-// place to anything else (say -1, a bias correction of zero) sends the step to the
-// full planning, which refuses it and names the param.
-bool is_step_count(uintptr_t address) {
+// Whether the float32 step counter at host `address` is a whole number >= 0: one set
+// in place to anything else (say -1, a bias correction of zero) sends the step to the
+// full planning, which refuses it and names the param. Counters in device memory are
+// checked by the kernels that read them (NOTE: [device step counters]).
+bool holds_step_count(uintptr_t address) {
   float step;
   std::memcpy(&step, reinterpret_cast<const void*>(address), sizeof(step));
-  return step >= 0.0f && std::isfinite(step) && std::floor(step) == step;
+  return is_step_count(step);
+}
+
+// Adam's and SGDW's counters live on their params' device (the CUDA kernels read and
+// advance them there); Adagrad's and RMSprop's in host memory, for every device.
+template <typename Args>
+constexpr bool counts_on_params_device() {
+  return std::is_same_v<Args, AdamStepArgs> || std::is_same_v<Args, SgdwStepArgs>;
 }
 
 // The state pointer lists of a call, in the order of its state keys, with the
@@ -373,11 +382,13 @@ LaunchCheck::LaunchCheck(py::object reads, py::list params, py::list state_dicts
       const bool laid_out_like_param =
           static_cast<Py_ssize_t>(k) == step_key_
               ? state.layout.numel == 1 && reads_->is_float32(state.layout) &&
-                    state.layout.device.device_type == kDLCpu
+                    (state.layout.device.device_type == kDLCpu ||
+                     same_device(state.layout, of_param.layout))
               : same_layout_as(of_param, state.layout, /*any_kernel_dtype=*/true);
       if (!laid_out_like_param) {
         throw py::value_error(describe(name) + (static_cast<Py_ssize_t>(k) == step_key_
-                                                    ? " is not a one-element float32 host tensor"
+                                                    ? " is not a one-element float32 tensor on "
+                                                      "the host or its param's device"
                                                     : " is not laid out like its param"));
       }
       planned_.push_back(state);
@@ -604,6 +615,54 @@ bool LaunchCheck::matches(const Planned& planned, PyObject* tensor, const Tensor
   return true;
 }
 
+bool LaunchCheck::same_device(const Layout& a, const Layout& b) {
+  return a.device.device_type == b.device.device_type && a.device.device_id == b.device.device_id;
+}
+
+bool LaunchCheck::verify_scalar(PyObject* tensor, const char* name, uintptr_t* address,
+                                std::vector<py::object>* alive) {
+  const std::string what = std::string("GradScaler's ") + name;
+  Layout layout;
+  if (!read_layout(tensor, &layout, TensorName{0, TensorName::kParam})) {
+    return fail(what + " has no strided description");
+  }
+  if (layout.numel != 1 || !reads_->is_float32(layout)) return fail(what + " is not a one-element float32 tensor");
+  if (planned_.empty() || !same_device(layout, planned_.front().layout)) {
+    return fail(what + " is not on the params' device");
+  }
+  if (const char* problem = memory_problem(tensor, layout)) return fail(what + problem);
+  PyObject* storage = reads_->call(tensor, TensorReads::kUntypedStorage);
+  if (storage == nullptr) {
+    PyErr_Clear();
+    return fail(what + " has no storage");
+  }
+  alive->push_back(py::reinterpret_borrow<py::object>(tensor));
+  alive->push_back(py::reinterpret_steal<py::object>(storage));
+  uintptr_t base = 0;
+  uint64_t needed = 0;
+  if (!storage_covers(storage, layout, &base, &needed)) return fail(what + " reaches beyond the end of its storage");
+  *address = layout.address;
+  return true;
+}
+
+template <typename Args>
+bool LaunchCheck::verify_scaler(Args& args, PyObject* scaler, std::vector<py::object>* alive) {
+  if constexpr (counts_on_params_device<Args>()) {
+    args.found_inf = 0;
+    args.scale = 0;
+    if (scaler == Py_None) return true;
+    if (!PyTuple_Check(scaler) || PyTuple_GET_SIZE(scaler) != 2) {
+      return fail("GradScaler's tensors are a (found_inf, scale) pair");
+    }
+    PyObject* const found_inf = PyTuple_GET_ITEM(scaler, 0);
+    PyObject* const scale = PyTuple_GET_ITEM(scaler, 1);
+    return (found_inf == Py_None || verify_scalar(found_inf, "found_inf", &args.found_inf, alive)) &&
+           (scale == Py_None || verify_scalar(scale, "scale", &args.scale, alive));
+  } else {
+    return scaler == Py_None || fail("only Adam and SGDW take GradScaler's tensors");
+  }
+}
+
 bool LaunchCheck::verify_grad(const Planned& param, PyObject* grad, size_t index, int grad_dtype,
                               uintptr_t* address, std::vector<py::object>* alive) {
   const TensorName name{index, TensorName::kGrad};
@@ -673,9 +732,15 @@ bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool che
         return fail(state_name, " was replaced");
       }
       if (!matches(state, state.object, state_name)) return false;
-      if (static_cast<Py_ssize_t>(k) == step_key_ && state.layout.numel == 1 &&
-          !is_step_count(state.layout.address)) {
-        return fail(state_name, " is not a whole number >= 0");
+      if (static_cast<Py_ssize_t>(k) == step_key_) {
+        const bool on_host = state.layout.device.device_type == kDLCpu;
+        if (counts_on_params_device<Args>() ? !same_device(state.layout, of_param->layout) : !on_host) {
+          return fail(state_name, counts_on_params_device<Args>() ? " is not on its param's device"
+                                                                  : " is not in host memory");
+        }
+        if (on_host && state.layout.numel == 1 && !holds_step_count(state.layout.address)) {
+          return fail(state_name, " is not a whole number >= 0");
+        }
       }
     }
     if (!matches(*of_param, param, param_name)) return false;
@@ -805,13 +870,14 @@ int run_checked(py::list items, py::list launched) {
   std::optional<GcPause> pause(std::in_place);
   for (size_t i = 0; i < items.size(); ++i) {
     const py::tuple item = items[i].cast<py::tuple>();
-    if (item.size() != 6) throw std::invalid_argument("run_checked: items have six fields");
+    if (item.size() != 7) throw std::invalid_argument("run_checked: items have seven fields");
     auto& check = item[0].cast<LaunchCheck&>();
     const bool check_state_dicts = item[4].cast<bool>();
     Ready entry{step_args_of(item[1]), parse_target(item[5])};
     const bool sound = std::visit(
         [&](auto* args) {
-          return check.verify(*args, item[2].ptr(), item[3].ptr(), check_state_dicts, &alive);
+          return check.verify(*args, item[2].ptr(), item[3].ptr(), check_state_dicts, &alive) &&
+                 check.verify_scaler(*args, item[6].ptr(), &alive);
         },
         entry.args);
     if (!sound) return static_cast<int>(i);
@@ -823,6 +889,9 @@ int run_checked(py::list items, py::list launched) {
                            : device.device_type == kDLCpu);  // CPU kernels, or a hook's host launch
     if (!on_target) {
       throw std::invalid_argument("run_checked: a call's target is not its tensors' device");
+    }
+    if (!entry.target.cuda && !entry.target.hook && !item[6].is_none()) {
+      throw std::invalid_argument("run_checked: GradScaler's tensors go to CUDA kernels only");
     }
     ready.push_back(entry);
   }

@@ -115,6 +115,13 @@ class LaunchCheck {
   bool verify(Args& args, PyObject* params, PyObject* grads, bool check_state_dicts,
               std::vector<py::object>* alive);
 
+  // Reads GradScaler's tensors for a CUDA launch (NOTE: [device step counters]):
+  // `scaler` is None or a (found_inf, scale) pair, each a one-element float32 tensor
+  // on the params' device or None; points the call's arguments at them, `alive` owns
+  // them. False, with failure(), otherwise.
+  template <typename Args>
+  bool verify_scaler(Args& args, PyObject* scaler, std::vector<py::object>* alive);
+
   int traverse(visitproc visit, void* arg) const;
   void clear();
 
@@ -131,6 +138,9 @@ class LaunchCheck {
     int kernel_dtype = -1;  // ScalarType code, or -1 for dtypes no kernel steps
   };
 
+  static bool same_device(const Layout& a, const Layout& b);
+  bool verify_scalar(PyObject* tensor, const char* name, uintptr_t* address,
+                     std::vector<py::object>* alive);
   // Reads the tensor's layout, its dims (shape, then strides) into scratch_; false
   // with failure_ set where it cannot be read.
   bool read_layout(PyObject* tensor, Layout* layout, const struct TensorName& name);
@@ -171,8 +181,9 @@ class LaunchCheck {
 // Verifies every item, then launches all with the GIL released: -1 when all were
 // launched, else the index of the first item that failed verification (nothing was
 // launched). Each item is (check, args, params, grads or None, check_state_dicts,
-// target), target ("cpu", num_threads), ("cuda", device, stream), or, in tests,
-// ("hook", launcher): launcher(kernel_name, args) launches host tensors. `launched` gets
+// target, scaler), target ("cpu", num_threads), ("cuda", device, stream), or, in tests,
+// ("hook", launcher): launcher(kernel_name, args) launches host tensors; scaler None
+// or GradScaler's (found_inf, scale) for the CUDA kernels to read (verify_scaler). `launched` gets
 // True appended right before the first launch, so that a caller interrupted by a
 // signal as the call returns still knows that the kernels ran.
 int run_checked(py::list items, py::list launched);

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "fusedopt/step_args.h"
+#include "fusedopt/step_count.h"
 #include "fusedopt/stochastic_rounding.h"
 
 namespace fusedopt {
@@ -16,9 +17,7 @@ double decoupled_decay_factor(double lr, double lr_max, double weight_decay) {
   return 1.0 - decay_lr * weight_decay;
 }
 
-AdamScalars adam_scalars(const AdamStepArgs& args, double step) {
-  const double bias_correction1 = 1.0 - std::pow(args.beta1, step);
-  const double bias_correction2 = 1.0 - std::pow(args.beta2, step);
+AdamScalars adam_scalars(const AdamStepArgs& args, float step) {
   AdamScalars s;
   s.inv_grad_scale = static_cast<float>(1.0 / args.grad_scale);
   s.one_minus_beta1 = static_cast<float>(1.0 - args.beta1);
@@ -27,8 +26,9 @@ AdamScalars adam_scalars(const AdamStepArgs& args, double step) {
   s.eps = static_cast<float>(args.eps);
   s.weight_decay = static_cast<float>(args.weight_decay);
   s.decay_factor = static_cast<float>(decoupled_decay_factor(args.lr, args.lr_max, args.weight_decay));
-  s.step_size = static_cast<float>(args.lr / bias_correction1);
-  s.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
+  const BiasCorrections corrections = bias_corrections(args.lr, args.beta1, args.beta2, step);
+  s.step_size = corrections.step_size;
+  s.bias_correction2_sqrt = corrections.bias_correction2_sqrt;
   return s;
 }
 
@@ -136,7 +136,7 @@ std::vector<float> advance_step_counters(const std::vector<uintptr_t>& counters)
   for (size_t t = 0; t < steps.size(); ++t) {
     float step;
     std::memcpy(&step, reinterpret_cast<const void*>(counters[t]), sizeof(step));
-    if (!(step >= 0.0f && std::isfinite(step) && std::floor(step) == step)) {
+    if (!is_step_count(step)) {
       throw std::invalid_argument("state 'step' of tensor " + std::to_string(t) +
                                   " of this step is " + std::to_string(step) +
                                   "; a step count is a whole number >= 0");
@@ -168,16 +168,13 @@ std::vector<Scalars> scalars_per_tensor(const std::vector<float>& steps, Derive 
 }
 
 // Each tensor's stream for its new step count (NOTE: [stochastic rounding]), advanced
-// by its offset: the kernels' element i then draws the bits of element offset + i. A
-// count of 2^64 or more (a whole fp32 number, but no uint64_t) counts as 2^64 - 1.
+// by its offset: the kernels' element i then draws the bits of element offset + i.
 std::vector<uint64_t> rounding_streams_of(const std::vector<uint64_t>& ids,
                                           const std::vector<uint64_t>& offsets, uint64_t seed,
                                           const std::vector<float>& steps) {
-  constexpr float kTwoToThe64 = 18446744073709551616.0f;
   std::vector<uint64_t> streams(ids.size());
   for (size_t t = 0; t < ids.size(); ++t) {
-    const uint64_t step = steps[t] < kTwoToThe64 ? static_cast<uint64_t>(steps[t]) : UINT64_MAX;
-    streams[t] = rounding_stream(seed, ids[t], step) + kGoldenGamma * offsets[t];
+    streams[t] = rounding_stream(seed, ids[t], whole_count(steps[t])) + kGoldenGamma * offsets[t];
   }
   return streams;
 }

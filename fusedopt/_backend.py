@@ -472,15 +472,18 @@ def check_loaded_step(step, where):
         raise ValueError(f"loaded state 'step' of {where} is {value}")
 
 
-def check_step(step, where):
+def check_step(step, where, device):
+    """Raises unless a step counter is a one-element float32 tensor on `device` holding
+    a whole number >= 0. Reads the count: on CUDA that waits for the GPU, which only
+    the full planning does (a step after a change of state), never a steady step."""
     if not (
         isinstance(step, torch.Tensor)
         and step.dtype == torch.float32
-        and step.device.type == "cpu"
+        and step.device == device
         and step.numel() == 1
     ):
         raise ValueError(
-            f"state 'step' of {where} must be a one-element float32 CPU tensor, got {step!r}"
+            f"state 'step' of {where} must be a one-element float32 tensor on {device}, got {step!r}"
         )
     check_tensor_type(step, f"state 'step' of {where}")
     check_memory(step, f"state 'step' of {where}")

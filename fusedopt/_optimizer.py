@@ -32,6 +32,10 @@ class _ChangedWhilePlanning(Exception):
     """A tensor validated by the planning changed before its launch check was built."""
 
 
+class _SkippedStep(Exception):
+    """GradScaler's found_inf, read on the host, says the step is skipped."""
+
+
 class Batch:
     """Params of one group that share a dtype and a path (kernel or reference), with
     their grads and, per param, the state the step works on before it is committed."""
@@ -66,6 +70,14 @@ class Batch:
             elif working.keys() != state.keys() or any(
                     working[key] is not value for key, value in state.items()):
                 state.update(working)
+
+    def adds_state(self):
+        """Whether committing the step adds state tensors (a first step, master weights
+        or a momentum buffer made now): a step that may be skipped on the device must
+        not, since nothing would be written into them."""
+        return any(tensor is not None and (state is None or state.get(key) is None)
+                   for state, working in zip(self.states, self.working)
+                   for key, tensor in working.items())
 
     def final_state_dicts(self):
         """The dicts that hold each param's state after commit()."""
@@ -134,6 +146,18 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     _counter_keys = ()  # state tensors the kernel counts in (Adam's "step"), after _state_keys
+    # Where the counters live: on the param's device, as torch's fused optimizers keep
+    # them, for kernels that read and advance them there (Adam, SGDW: NOTE: [device step
+    # counters] in csrc/cuda/kernels.cu); else in host memory.
+    _counters_on_param_device = False
+
+    def _counter_device(self, param):
+        return param.device if self._counters_on_param_device else torch.device("cpu")
+
+    def _new_counters(self, params):
+        """A zero step counter for each param, where _counter_device puts it; made on the
+        device, so that no host-to-device copy waits for the GPU."""
+        return [torch.zeros((), dtype=torch.float32, device=self._counter_device(param)) for param in params]
 
     def _counters(self, hyper):
         """The counter keys of a step with hyperparameters `hyper` (SGDW counts steps
@@ -209,13 +233,14 @@ class FusedOptimizer(Optimizer):
         if from_scaler:  # GradScaler sets these around the call and removes them after it
             grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         try:
-            if (grad_scale is not None or found_inf is not None) and not self._step_supports_amp_scaling:
-                raise TypeError(f"{type(self).__name__}.step() takes no grad_scale or found_inf: "
-                                "GradScaler unscales its grads before the step")
+            scaler = None
+            if grad_scale is not None or found_inf is not None:
+                if not self._step_supports_amp_scaling:
+                    raise TypeError(f"{type(self).__name__}.step() takes no grad_scale or found_inf: "
+                                    "GradScaler unscales its grads before the step")
+                scaler = ScalerInputs(grad_scale, found_inf)
             with self._lock, torch.no_grad():
-                scale = amp_scale(grad_scale, found_inf)
-                if scale is not None:
-                    self._step(scale)
+                self._step(scaler)
         except BaseException:
             # GradScaler removes its attributes only when step() returns: left behind,
             # they would unscale every later plain step by a stale scale.
@@ -225,13 +250,14 @@ class FusedOptimizer(Optimizer):
             raise
         return loss
 
-    def _step_hyperparameters(self, group_index, group, device, grad_scale):
-        """The group's hyperparameters for this step, GradScaler's scale among them, and
-        its rounding seed when it rounds stochastically: read once, after the user code
-        of the hyperparameters ran, every part of the step takes the rounding from here."""
+    def _step_hyperparameters(self, group_index, group, device):
+        """The group's hyperparameters for this step, and its rounding seed when it
+        rounds stochastically: read once, after the user code of the hyperparameters
+        ran, every part of the step takes the rounding from here. GradScaler's scale
+        (1.0 until _scaler_arguments sets it) is the same for every group."""
         hyper = self._hyperparameters(group, device)
         if self._step_supports_amp_scaling:
-            hyper["grad_scale"] = grad_scale
+            hyper["grad_scale"] = 1.0
         rounds = group.get("stochastic_rounding", False)
         try:
             if not isinstance(rounds, bool):
@@ -244,7 +270,7 @@ class FusedOptimizer(Optimizer):
             raise type(error)(f"param group {group_index}: {error}") from error
         return hyper
 
-    def _step(self, grad_scale=1.0):
+    def _step(self, scaler=None):
         keys, values = self._state_snapshot
         if self._steady_plans and not (
             len(self.state) == len(keys)
@@ -254,10 +280,12 @@ class FusedOptimizer(Optimizer):
             self._steady_plans.clear()  # an entry of self.state was added, replaced or removed
         for _ in range(PLANNING_ATTEMPTS):
             try:
-                items, owners, batches = self._plan(grad_scale)
+                items, owners, batches = self._plan(scaler)
             except _ChangedWhilePlanning as changed:
                 group, failure = changed.args
                 continue
+            except _SkippedStep:
+                return
             launched = []
             try:
                 with torch._C.DisableTorchFunction():
@@ -299,36 +327,44 @@ class FusedOptimizer(Optimizer):
         _backend.mark_written([tensor for batch in batches if batch.use_kernel
                                for tensor in self._written_tensors(batch)])
 
-    def _plan(self, grad_scale):
+    def _plan(self, scaler):
         """Every group's kernel calls, checked and ready (steady plans, or calls built
         from the full planning), and the batches of the fully planned groups. Writes
-        nothing: new state lives in the batches' working states."""
-        items = []  # run_checked's (check, args, params, grads, check_state_dicts, target)
+        nothing: new state lives in the batches' working states. Raises _SkippedStep
+        where GradScaler's found_inf, read on the host, skips the step."""
+        items = []  # run_checked's (check, args, params, grads, check_state_dicts, target, scaler)
         owners = []  # per item: (group, its steady plan or None)
         batches = []
         planned = []
+        steady = []  # (group, plan, hyperparameters, item)
         for group_index, group in enumerate(self.param_groups):
             plan = self._steady_plans.get(id(group))
             if plan is not None and plan.usable(self, group):
                 _backend.check_cuda_step_allowed(plan.device)
-                hyper = self._step_hyperparameters(group_index, group, plan.device, grad_scale)
+                hyper = self._step_hyperparameters(group_index, group, plan.device)
                 item = plan.item(group) if plan.rounds(hyper) else None
                 if item is not None:
-                    plan.set_hyperparameters(self, hyper)
-                if item is not None:
-                    items.append(item)
-                    owners.append((group, plan))
+                    steady.append((group, plan, hyper, item))
                     continue
             self._steady_plans.pop(id(group), None)
             planned.append((group_index, group))
-        if not planned:
-            return items, owners, batches
         for group_index, group in planned:
-            batches += self._plan_group(group_index, group, grad_scale)
-        self._check_distinct_memory(batches, [plan for _, plan in owners])
+            batches += self._plan_group(group_index, group)
+        if planned:
+            self._check_distinct_memory(batches, [plan for _, plan, _, _ in steady])
         for batch in batches:
             self._init_states(batch)
             self._init_masters(batch)
+        grad_scale, scaler_tensors = self._scaler_arguments(scaler, steady, batches)
+        for group, plan, hyper, item in steady:
+            if self._step_supports_amp_scaling:
+                hyper["grad_scale"] = grad_scale
+            plan.set_hyperparameters(self, hyper)
+            items.append(item + (scaler_tensors,))
+            owners.append((group, plan))
+        for batch in batches:
+            if self._step_supports_amp_scaling:
+                batch.hyper["grad_scale"] = grad_scale
             if not batch.use_kernel:
                 continue
             keys = batch.state_keys + self._counters(batch.hyper)
@@ -342,9 +378,36 @@ class FusedOptimizer(Optimizer):
                         keys, [tuple(batch.kernel_state(i, key) for key in keys) for i in indices])
                 except ValueError as error:  # validated above: changed since
                     raise _ChangedWhilePlanning(batch.group, str(error)) from error
-                items.append((check, args, params, [batch.grads[i] for i in indices], False, target))
+                items.append((check, args, params, [batch.grads[i] for i in indices], False, target,
+                              scaler_tensors))
                 owners.append((batch.group, None))
         return items, owners, batches
+
+    def _scaler_arguments(self, scaler, steady, batches):
+        """(the scale the host hands the kernels and the reference, GradScaler's tensors
+        for the CUDA kernels to read or None). The kernels read found_inf and the scale
+        in device memory, so that the step never waits for the GPU (NOTE: [device step
+        counters] in csrc/cuda/kernels.cu), when every call of the step is a CUDA kernel
+        call on the tensors' device and none adds state (a skipped step must leave no
+        state behind, and a fresh momentum buffer unwritten would hold garbage). Else
+        both are read on the host once: on CUDA, one wait for the GPU."""
+        if scaler is None or not (steady or batches):
+            return 1.0, None
+        devices = {plan.device for _, plan, _, _ in steady}
+        devices |= {batch.kernel_params[0].device for batch in batches}
+        if len(devices) == 1 and all(batch.use_kernel and not self._adds_state(batch) for batch in batches):
+            device = devices.pop()
+            tensors = scaler.kernel_tensors(device)
+            if tensors is not None and _backend.launch_target(device)[0] != "cpu":
+                return 1.0, tensors
+        scale = scaler.host_scale()
+        if scale is None:
+            raise _SkippedStep
+        return scale, None
+
+    def _adds_state(self, batch):
+        """Whether stepping the batch adds state tensors, those its kernel calls make included."""
+        return batch.adds_state()
 
     def _written_tensors(self, batch):
         """The tensors a kernel call on `batch` changes in place (DTensors and their shards)."""
@@ -353,7 +416,7 @@ class FusedOptimizer(Optimizer):
         written = batch.params + states
         return written + [_backend.local(tensor) for tensor in written if _backend.is_dtensor(tensor)]
 
-    def _plan_group(self, group_index, group, grad_scale):
+    def _plan_group(self, group_index, group):
         """Validates one group and splits its params with grads into batches; writes nothing."""
         batches = {}
         device = next((param.device for param in group["params"] if param.grad is not None), None)
@@ -361,7 +424,7 @@ class FusedOptimizer(Optimizer):
             return []
         _backend.check_cuda_step_allowed(device)
         # User code (a hyperparameter's `__float__`) runs here, before any tensor is read.
-        hyper = self._step_hyperparameters(group_index, group, device, grad_scale)
+        hyper = self._step_hyperparameters(group_index, group, device)
         # The group's keys as of now: checks of the params below may run user code
         # (`__torch_function__`) that changes them, and the step keeps to one reading.
         settings = dict(group)
@@ -433,7 +496,7 @@ class FusedOptimizer(Optimizer):
                 _backend.check_state(param, tensor, key, where, exact)
         for key in counter_keys:
             if key in state:
-                _backend.check_step(state[key], where)
+                _backend.check_step(state[key], where, self._counter_device(param))
 
     def _check_distinct_memory(self, batches, steady_plans):
         """Refuses a step in which one param appears twice, or two written tensors
@@ -638,12 +701,13 @@ class FusedOptimizer(Optimizer):
                     _backend.check_loaded_step(state["step"], where)
 
     def _normalize_loaded_state(self, param, state, group, saved):
-        """torch.optim leaves `step` where the checkpoint had it; fusedopt keeps it on the
-        host as float32, and gives every state tensor the param's memory layout and the
+        """torch.optim leaves `step` where the checkpoint had it; fusedopt keeps it as
+        float32 where _counter_device says, and gives every state tensor the param's memory layout and the
         group's state dtype. torch.optim's load casts state to the param's dtype: float32
         state of a bfloat16 or float16 param is taken again from the checkpoint (`saved`)."""
         if "step" in state:
-            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device="cpu")
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32,
+                                         device=self._counter_device(param))
         state_dtype = self._state_dtype(group, param)
         for key in self._state_keys(group):
             tensor = state.get(key)
@@ -720,29 +784,44 @@ def check_state_dtype(state_dtype):
                          "torch.float32 (for bfloat16 and float16 params)")
 
 
-def amp_scale(grad_scale, found_inf):
-    """The scale to divide the grads by (1.0 without one), or None to skip the step
-    because `found_inf` says a grad is not finite. Both are read on the host: on CUDA
-    that is one synchronization per step (the step counters live on the host)."""
-    values = []
-    for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if tensor is None:
-            values.append(None)
-        elif not isinstance(tensor, torch.Tensor) or tensor.numel() != 1:
-            raise ValueError(f"{name} is a one-element tensor (as GradScaler passes it), got {tensor!r}")
-        else:
-            values.append(tensor.item())
-    scale, inf = values
-    if inf is not None and inf != 0:
+class ScalerInputs:
+    """GradScaler's scale and inf flag for one step (one-element tensors, either may be
+    None), read by the CUDA kernels in device memory or once on the host."""
+
+    __slots__ = ("grad_scale", "found_inf")
+
+    def __init__(self, grad_scale, found_inf):
+        for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.numel() != 1):
+                raise ValueError(f"{name} is a one-element tensor (as GradScaler passes it), got {tensor!r}")
+        self.grad_scale = grad_scale
+        self.found_inf = found_inf
+
+    def kernel_tensors(self, device):
+        """(found_inf, grad_scale) for kernels on `device` to read, or None unless each
+        given one is a plain float32 tensor there (the launch check reads it again)."""
+        tensors = (self.found_inf, self.grad_scale)
+        if all(tensor is None or (type(tensor) in (torch.Tensor, torch.nn.Parameter)
+                                  and tensor.dtype == torch.float32 and tensor.device == device)
+               for tensor in tensors):
+            return tensors
         return None
-    if scale is None:
-        return 1.0
-    # The kernels multiply by the reciprocal in fp32: it must be a normal fp32 number.
-    inverse = float(torch.tensor(1.0 / scale if scale > 0 else math.nan, dtype=torch.float32))
-    if not (0.0 < scale < math.inf and torch.finfo(torch.float32).tiny <= inverse < math.inf):
-        raise ValueError(f"Invalid grad_scale value: {scale}; a finite number > 0 whose "
-                         "reciprocal is a normal float32")
-    return float(scale)
+
+    def host_scale(self):
+        """The scale to divide the grads by (1.0 without one), or None to skip the step
+        because found_inf says a grad is not finite. Reads both on the host."""
+        inf = None if self.found_inf is None else self.found_inf.item()
+        if inf is not None and inf != 0:
+            return None
+        if self.grad_scale is None:
+            return 1.0
+        scale = self.grad_scale.item()
+        # The kernels multiply by the reciprocal in fp32: it must be a normal fp32 number.
+        inverse = float(torch.tensor(1.0 / scale if scale > 0 else math.nan, dtype=torch.float32))
+        if not (0.0 < scale < math.inf and torch.finfo(torch.float32).tiny <= inverse < math.inf):
+            raise ValueError(f"Invalid grad_scale value: {scale}; a finite number > 0 whose "
+                             "reciprocal is a normal float32")
+        return float(scale)
 
 
 def own_defaults(decouple_lr, lr_max, state_dtype, master_weights, decoupled,

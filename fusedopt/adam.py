@@ -119,6 +119,7 @@ class Adam(FusedOptimizer):
 
     _required_state_keys = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq starts at zero if amsgrad is turned on later
     _counter_keys = ("step",)
+    _counters_on_param_device = True
     _required_group_keys = ("lr", "betas", "eps", "weight_decay")
 
     def _state_keys(self, group):
@@ -163,7 +164,8 @@ class Adam(FusedOptimizer):
             elif amsgrad and "max_exp_avg_sq" not in state:
                 missing.append((state, "max_exp_avg_sq", param))
         fresh = [state for state in batch.working if "step" not in state]
-        steps = [torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in fresh]
+        steps = self._new_counters([param for param, state in zip(batch.params, batch.working)
+                                    if "step" not in state])
         tensors = _optimizer.tensors_like([param for _, _, param in missing], zeroed=True,
                                           dtype=batch.state_dtype)
         for state, step in zip(fresh, steps):

@@ -142,6 +142,20 @@ def rounding_stream(seed, tensor, step):
     return mix64(mix64(mix64(seed) ^ tensor) ^ min(int(step), _MASK64))
 
 
+def power(base, exponent):
+    """base**exponent by repeated squaring, as csrc/include/fusedopt/step_count.h
+    computes it on the host and on the GPU: the same double multiplications, so the
+    same bits everywhere (libm's pow and the GPU's differ in the last bits)."""
+    result = 1.0
+    while exponent:
+        if exponent & 1:
+            result = result * base
+        exponent >>= 1
+        if exponent:
+            base = base * base
+    return result
+
+
 def _as_int64(word):
     """A 64-bit word as the int64 with its bits."""
     return word - (1 << 64) if word >= 1 << 63 else word
@@ -227,8 +241,9 @@ def adam_step_(
     bf16 param, the `rounding_id`-th tensor, is stored rounded stochastically, its
     elements counted from `rounding_offset` (a DTensor shard's offset in its param).
     """
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    t = min(int(step), _MASK64)
+    bias_correction1 = 1 - power(beta1, t)
+    bias_correction2_sqrt = math.sqrt(1 - power(beta2, t))
     step_size = lr / bias_correction1
 
     p = _master_value(param, master)

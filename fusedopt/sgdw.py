@@ -85,6 +85,7 @@ class SGDW(FusedOptimizer):
         return buffer + self._master_keys(group)
 
     _supports_stochastic_rounding = True
+    _counters_on_param_device = True
 
     def _counters(self, hyper):
         # torch.optim.SGD counts no steps; stochastic rounding's random bits need a count.
@@ -92,9 +93,9 @@ class SGDW(FusedOptimizer):
 
     def _init_states(self, batch):
         if "rounding_seed" in batch.hyper:
-            for state in batch.working:
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+            fresh = [(param, state) for param, state in zip(batch.params, batch.working) if "step" not in state]
+            for (_, state), step in zip(fresh, self._new_counters([param for param, _ in fresh])):
+                state["step"] = step
 
     def _hyperparameters(self, group, device):
         lr = _backend.scalar(group["lr"], "lr", device)
@@ -134,6 +135,11 @@ class SGDW(FusedOptimizer):
             for indices, mode in ((running, "running"), (first, "first_step"))
             if indices
         ]
+
+    def _adds_state(self, batch):
+        # _kernel_calls makes the momentum buffers of a first step
+        return super()._adds_state(batch) or (batch.hyper["momentum"] != 0 and any(
+            state.get("momentum_buffer") is None for state in batch.working))
 
     def _make_args(self, batch, indices, buffers, momentum_mode):
         C = _backend._C

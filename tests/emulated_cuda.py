@@ -6,8 +6,12 @@ emulated CUDA launchers instead of the CPU kernels, records every load and store
 every call, and checks each call with `check_accesses`: every element of every list
 read once (not at all where the kernel must only write it), params and states written
 once, grads never, each access by the block and thread that own the element under the
-launch plan, and no byte outside the tensors touched.
+launch plan, and no byte outside the tensors touched. Adam's and SGDW's step counters
+and GradScaler's found_inf and scale are read in "device" memory too (NOTE: [device
+step counters] in csrc/cuda/kernels.cu): `check_scalar_accesses` checks those.
 """
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -18,6 +22,8 @@ emulated = pytest.importorskip(
 C = _backend._C
 
 BLOCK_THREADS = 512  # kBlockThreads in csrc/cuda/kernels.cu
+COUNTER_THREADS = 256  # kCounterThreads
+COUNTERS_PER_LAUNCH = (32000 - 256) // 8  # kMaxCounters
 VECTOR_BYTES = 16  # the kernels' vector loads and stores
 RECORD = np.dtype([("address", "<u8"), ("bytes", "<u4"), ("write", "<u4"), ("launch", "<u4"),
                    ("block", "<u4"), ("thread", "<u4"), ("unused", "<u4")])
@@ -90,12 +96,87 @@ def owners(numels, lists, element_bytes, first_launch):
     return owner
 
 
-def check_accesses(kernel_name, args, records, first_launch):
-    """Asserts what the module docstring says of one call; returns the elements checked."""
+def counted_scalars(kernel_name, args):
+    """The call's step counters the kernels read and advance in device memory, and
+    GradScaler's tensors they read (addresses; none for Adagrad's and RMSprop's host
+    counters, which the host advances)."""
+    if kernel_name not in ("adam_step", "sgdw_step"):
+        return [], []
+    return list(args.steps), [address for address in (args.found_inf, args.scale) if address]
+
+
+def read_float(address):
+    return ctypes.c_float.from_address(address).value
+
+
+def skips_step(args):
+    """Whether the kernels skip the whole step, as step_is_skipped in kernels.cu decides."""
+    if getattr(args, "found_inf", 0) and read_float(args.found_inf) != 0:
+        return True
+    if getattr(args, "scale", 0):
+        scale = read_float(args.scale)
+        inverse = float(np.float32(1.0 / scale)) if scale > 0 else float("nan")
+        return not (0 < scale < np.inf and np.finfo(np.float32).tiny <= inverse < np.inf)
+    return False
+
+
+def check_scalar_accesses(kernel_name, args, records, first_launch, skipped):
+    """Checks the accesses to counters and GradScaler's tensors and returns the others.
+    GradScaler's tensors are only read. A counter is read in the step's launches only
+    by blocks of its tensor; after them, one more launch (per COUNTERS_PER_LAUNCH
+    counters) reads it once and writes it at most once, by the thread that owns it,
+    unless the step was skipped."""
+    counters, shared = counted_scalars(kernel_name, args)
+    scalar = np.isin(records["address"], np.asarray(counters + shared, dtype=np.uint64))
+    if not scalar.any():
+        return records
+    touched = records[scalar]
+    assert np.all(touched["bytes"] == 4), "a counter or GradScaler word accessed in pieces"
+    is_shared = np.isin(touched["address"], np.asarray(shared, dtype=np.uint64))
+    assert not touched["write"][is_shared].any(), "GradScaler's found_inf or scale written"
+    lists, _ = kernel_lists(kernel_name, args)
+    chunk = emulated.active_chunk_elements()
+    plans = C.plan_launches(list(args.numels), chunk, *emulated.launch_capacity(len(lists)))
+    advance_from = first_launch + len(plans)
+    counter_index = {address: index for index, address in enumerate(counters)}
+    counter = touched[~is_shared]
+    addresses = np.unique(counter["address"])
+    index = np.array([counter_index[int(address)] for address in addresses], dtype=np.int64)
+    index = index[np.searchsorted(addresses, counter["address"])]
+    launch, block, thread = (counter[field].astype(np.int64) for field in ("launch", "block", "thread"))
+    in_step = launch < advance_from
+    assert not counter["write"][in_step].any(), "a counter written by a step launch"
+    tensor_of_block = {}
+    for number, (tensors, slots, _) in enumerate(plans):
+        tensor_of_block.update(((first_launch + number, b), tensors[slot]) for b, slot in enumerate(slots))
+    pairs = set(zip(launch[in_step].tolist(), block[in_step].tolist(), index[in_step].tolist()))
+    strays = [pair for pair in pairs if tensor_of_block.get(pair[:2]) != pair[2]]
+    assert not strays, f"counters read by blocks of other tensors (launch, block, counter): {strays[:3]}"
+    advancing = ~in_step
+    position = index[advancing] % COUNTERS_PER_LAUNCH
+    owners = np.stack([advance_from + index[advancing] // COUNTERS_PER_LAUNCH,
+                       position // COUNTER_THREADS, position % COUNTER_THREADS])
+    actual = np.stack([launch[advancing], block[advancing], thread[advancing]])
+    assert np.array_equal(owners, actual), "a counter advanced by a thread that does not own it"
+    written = counter["write"][advancing].astype(bool)
+    reads = np.bincount(index[advancing][~written], minlength=len(counters))
+    writes = np.bincount(index[advancing][written], minlength=len(counters))
+    assert np.all(reads == (0 if skipped else 1)) and np.all(writes <= reads), (
+        f"counters read {reads.tolist()[:8]} and written {writes.tolist()[:8]} times by the advance launch")
+    return records[~scalar]
+
+
+def check_accesses(kernel_name, args, records, first_launch, skipped=False):
+    """Asserts what the module docstring says of one call; returns the elements checked.
+    `skipped`: GradScaler skips the step, which then touches no element at all."""
     lists, write_only = kernel_lists(kernel_name, args)
     numels = list(args.numels)
     list_bytes = list_element_bytes(args, len(lists))
-    records = np.frombuffer(records, dtype=RECORD)
+    records = check_scalar_accesses(kernel_name, args, np.frombuffer(records, dtype=RECORD),
+                                    first_launch, skipped)
+    if skipped:
+        assert len(records) == 0, f"a skipped step touched {len(records)} elements"
+        return 0
     # Each list's part of each non-empty tensor is a region; regions sorted by address.
     regions = sorted((address, address + n * list_bytes[l], l, t)
                      for l, addresses in enumerate(lists)
@@ -161,13 +242,14 @@ class EmulatedCuda:
 
     def launch(self, kernel_name, args):
         first_launch = emulated.runtime.counters()["launches"]
+        skipped = skips_step(args)
         emulated.runtime.start_recording()
         try:
             getattr(emulated, kernel_name)(args, 0, 0)
         finally:
             records = emulated.runtime.stop_recording()
         self.calls += 1
-        self.element_checks += check_accesses(kernel_name, args, records, first_launch)
+        self.element_checks += check_accesses(kernel_name, args, records, first_launch, skipped)
 
 
 TOTALS = {"calls": 0, "element_checks": 0}

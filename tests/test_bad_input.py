@@ -159,7 +159,7 @@ CASES = [
      "state 'exp_avg' of param 0 of param group 1 is torch.int32"),
     (break_state_reshaped_in_place, ValueError,
      r"state 'exp_avg_sq' of param 0 of param group 0 is torch.float32 \(15,\)"),
-    (break_step_tensor, ValueError, "state 'step' of param 0 of param group 1 must be a one-element float32 CPU tensor"),
+    (break_step_tensor, ValueError, "state 'step' of param 0 of param group 1 must be a one-element float32 tensor on cpu"),
     (break_missing_state_entry, ValueError,
      r"the state of param 0 of param group 1 has \['exp_avg_sq', 'step'\] but no 'exp_avg'"),
     (break_missing_step, ValueError,

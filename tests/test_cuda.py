@@ -8,6 +8,8 @@ The tolerance rules are those of test_parity.py: the kernels are compiled with
 --fmad=false and IEEE division and square root, so they match the reference bit
 for bit; against torch.optim.AdamW(fused=True) the float64-oracle rule applies.
 """
+import copy
+
 import pytest
 import torch
 
@@ -226,3 +228,45 @@ def test_precision_modes_on_cuda_match_the_cpu_kernels_bitwise(name, mode, dtype
     for state_cuda, state_cpu in zip(cuda_opt.state.values(), cpu_opt.state.values()):
         assert state_cuda.keys() == state_cpu.keys()
         assert_bitwise_equal([state_cuda[k].cpu() for k in state_cuda], [state_cpu[k] for k in state_cuda])
+
+
+@pytest.mark.parametrize("make", [
+    lambda params, backend: fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend),
+    lambda params, backend: fusedopt.SGDW(params, lr=1e-2, momentum=0.9, nesterov=True, backend=backend),
+], ids=["AdamW", "SGDW-nesterov"])
+def test_grad_scaler_steps_on_cuda_never_wait_for_the_gpu(make):
+    """After the first step (which makes the state), GradScaler's steps, an overflowing
+    one among them, run under torch.cuda's sync debug mode "error": found_inf, the scale
+    and the step counters are read in device memory (NOTE: [device step counters]). The
+    run equals the reference path's (which reads them on the host) bit for bit."""
+    torch.manual_seed(91)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).cuda()
+    twin = copy.deepcopy(model)
+    ours, spec = make(model.parameters(), "kernel"), make(twin.parameters(), "reference")
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=2) for _ in range(2)]
+    for step in range(8):
+        data = torch.randn(16, 64, device="cuda")
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(data).float().square().mean()
+        if step == 5:
+            loss = loss * float("inf")
+        ours.zero_grad()
+        spec.zero_grad()
+        scalers[0].scale(loss).backward()
+        scalers[1].scale(loss.detach())
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.clone()
+        torch.cuda.set_sync_debug_mode("error" if step > 0 else "default")
+        try:
+            scalers[0].step(ours)
+            scalers[0].update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scalers[1].step(spec)
+        scalers[1].update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert_bitwise_equal([p.detach() for p in model.parameters()], [p.detach() for p in twin.parameters()])
+    assert_states_bitwise_equal(ours, spec)
+    if isinstance(ours, fusedopt.AdamW):
+        assert all(state["step"].device.type == "cuda" and state["step"].item() == 7
+                   for state in ours.state.values())

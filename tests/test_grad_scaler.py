@@ -179,3 +179,83 @@ def test_a_refused_step_leaves_no_scale_behind_for_the_next_plain_step():
         scaler.step(optimizer)
     assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
     assert not optimizer.state
+
+
+def host_reads_counted(monkeypatch):
+    """Counts the steps that read GradScaler's tensors on the host (on CUDA, a wait for
+    the GPU); the returned list holds one entry per such step."""
+    reads = []
+    real = fusedopt._optimizer.ScalerInputs.host_scale
+
+    def counting(self):
+        reads.append(True)
+        return real(self)
+
+    monkeypatch.setattr(fusedopt._optimizer.ScalerInputs, "host_scale", counting)
+    return reads
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda p: fusedopt.AdamW(p, lr=1e-2, weight_decay=0.1),
+     lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True)),
+    (lambda p: fusedopt.Adam(p, lr=1e-2, amsgrad=True),
+     lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, fused=True)),
+    (lambda p: fusedopt.SGDW(p, lr=1e-2, momentum=0.9, nesterov=True),
+     lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True, fused=True)),
+], ids=["AdamW", "Adam-amsgrad", "SGDW-nesterov"])
+def test_grad_scaler_on_cuda_kernels_reads_its_tensors_in_device_memory(
+        ours, theirs, emulated_cuda, monkeypatch):  # noqa: F811
+    """The CUDA kernels (emulated) read found_inf and the scale, and Adam's step
+    counters, in device memory (NOTE: [device step counters]): only the first step,
+    which creates the state, reads GradScaler's tensors on the host. Skipped steps
+    change nothing, counters included, and the run equals the CPU kernels' bit for bit."""
+    reads = host_reads_counted(monkeypatch)
+    (model, _), optimizer, (scales, torch_scales), snapshots = train_under_scalers(ours, theirs)
+    assert len(reads) == 1 and emulated_cuda.calls >= STEPS
+    assert scales == torch_scales
+    for step in INF_STEPS:
+        assert_bitwise_equal(snapshots[step][1], snapshots[step][0])
+    assert all(state["step"].item() == STEPS - len(INF_STEPS) for state in optimizer.state.values()
+               if "step" in state)
+    monkeypatch.undo()
+    (cpu_model, _), cpu_optimizer, (cpu_scales, _), _ = train_under_scalers(ours, theirs)
+    assert cpu_scales == scales
+    assert_bitwise_equal([p.detach() for p in model.parameters()], [p.detach() for p in cpu_model.parameters()])
+    assert_states_bitwise_equal(optimizer, cpu_optimizer)
+
+
+@pytest.mark.parametrize("scale", [0.0, -2.0, float("inf"), float("nan"), 2.0**127 * 1.5],
+                         ids=["zero", "negative", "inf", "nan", "no-normal-reciprocal"])
+def test_a_scale_the_kernels_cannot_use_skips_the_step_on_cuda(scale, emulated_cuda, monkeypatch):  # noqa: F811
+    """On the host such a scale raises ValueError; read in device memory nothing can
+    raise, so the kernels skip the step and change nothing (README, GradScaler)."""
+    reads = host_reads_counted(monkeypatch)
+    params, optimizer, grads = scaled_steps(MAKERS["AdamW-master"](backend="kernel"), torch.bfloat16, 3.0, steps=2)
+    before = [p.clone() for p in params]
+    states = [{key: value.clone() for key, value in state.items()} for state in optimizer.state.values()]
+    for param, grad in zip(optimizer.param_groups[0]["params"], grads[0]):
+        param.grad = grad.clone()
+    optimizer.step(grad_scale=torch.tensor(scale), found_inf=torch.tensor(0.0))
+    assert len(reads) == 1  # the first step's
+    assert_bitwise_equal(params, before)
+    for state, saved in zip(optimizer.state.values(), states):
+        assert state.keys() == saved.keys() and all(torch.equal(state[key], saved[key]) for key in saved)
+    with pytest.raises(ValueError, match="Invalid grad_scale value"):
+        monkeypatch.undo()
+        optimizer.step(grad_scale=torch.tensor(scale), found_inf=torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("name", MAKERS)
+def test_a_skipped_first_step_on_cuda_leaves_no_state(name, emulated_cuda, monkeypatch):  # noqa: F811
+    """A first step makes state (moments, counters, masters, momentum buffers): it reads
+    found_inf on the host, so that a skipped one leaves no state behind (a buffer made
+    for a step the device then skipped would hold garbage)."""
+    reads = host_reads_counted(monkeypatch)
+    params = [torch.nn.Parameter(p.clone()) for p in make_params(SHAPES, torch.bfloat16, seed=75)]
+    optimizer = MAKERS[name](backend="kernel")(params)
+    for param, grad in zip(params, make_grads(SHAPES, torch.bfloat16, 1, seed=75)[0]):
+        param.grad = grad
+    before = [p.detach().clone() for p in params]
+    optimizer.step(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0))
+    assert len(reads) == 1 and emulated_cuda.calls == 0 and not optimizer.state
+    assert_bitwise_equal([p.detach() for p in params], before)

@@ -428,7 +428,7 @@ def test_launch_check_notices_a_param_moved_after_it_was_built():
     param.data = param.data.clone()
     before = param.detach().clone()
     launched = []
-    failed = _backend._C.run_checked([(check, args, [param], [grad], False, ("cpu", 1))], launched)
+    failed = _backend._C.run_checked([(check, args, [param], [grad], False, ("cpu", 1), None)], launched)
     assert failed == 0 and not launched and "no longer at its planned address" in check.failure
     assert torch.equal(param.detach(), before)
 

@@ -10,6 +10,7 @@
 // the rules written there.
 #include "runtime.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -19,6 +20,7 @@
 #include "driver.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/dtypes.h"
+#include "fusedopt/step_count.h"
 #include "fusedopt/stochastic_rounding.h"
 #include "fusedopt/update.h"
 
@@ -30,9 +32,9 @@ constexpr int kMaxTensors = 256;
 // Kernel parameters may take 32,764 bytes (CUDA 12.1+, Volta and newer).
 constexpr int kParamBytes = 32000;
 
-// Every table keeps room for the largest per-tensor scalars of any kernel (Adam's),
-// so that a launch's capacity depends on its number of lists alone.
-constexpr int kTensorScalarBytes = 16;
+// Every table keeps room for the largest per-tensor scalars of any kernel (Adam's and
+// SGDW's), so that a launch's capacity depends on its number of lists alone.
+constexpr int kTensorScalarBytes = 24;
 
 // A chunk's slot (its tensor's place in the table) fits in one byte.
 static_assert(kMaxTensors <= 256, "chunk slots are uint8_t");
@@ -51,16 +53,14 @@ struct LaunchTable {
   uint8_t chunk_slots[kMaxChunks];
 };
 
-// Per-tensor part of the Adam scalars (they depend on the tensor's step count), and
-// the tensor's stochastic-rounding stream (NOTE: [stochastic rounding]; unused else).
-struct AdamTensorScalars {
-  float step_size;
-  float bias_correction2_sqrt;
-  uint64_t rounding_stream;
-};
-// SGDW's: the stochastic-rounding stream.
-struct SgdwTensorScalars {
-  uint64_t rounding_stream;
+// Adam's and SGDW's per tensor: its step counter in device memory (SGDW's is null
+// unless it rounds stochastically) and what its stochastic-rounding stream is made of
+// besides the count (NOTE: [stochastic rounding]; unused else): the stream is
+// mix64(rounding_key ^ count) + rounding_shift (NOTE: [device step counters]).
+struct CountedTensorScalars {
+  float* counter;
+  uint64_t rounding_key;    // mix64(mix64(seed) ^ tensor)
+  uint64_t rounding_shift;  // kGoldenGamma * the tensor's first element's offset
 };
 // Per-tensor part of the Adagrad scalars: the learning rate decayed by the step count.
 struct AdagradTensorScalars {
@@ -149,6 +149,42 @@ __device__ __forceinline__ void store_param_vector(void* list, int64_t i, const 
     stored.values[e] = round_param<ParamT>(values[e], rounding.stream, rounding.first_element + i + e);
   }
   store(reinterpret_cast<Vector<ParamT, kVec>*>(static_cast<ParamT*>(list) + i), stored);
+}
+
+// NOTE: [device step counters]
+// On CUDA, Adam's and SGDW's step counters live in device memory, as torch's fused
+// optimizers keep them, and GradScaler's found_inf and scale are read there too: a step
+// queues its launches without reading anything the GPU computes, so it never waits for
+// the GPU. Every thread reads its tensor's counter and GradScaler's two words (the same
+// few addresses for the whole block, served by the cache) and derives what the host
+// would derive (step_count.h, bit for bit). A step whose found_inf is set, or whose scale
+// has no normal fp32 reciprocal, writes nothing; a tensor whose counter holds no count
+// (a whole number >= 0: the host checks every counter it plans with) is left as it was.
+// After the step's launches, advance_counters_kernel adds 1 to each counter unless the
+// step was skipped: the stream runs launches in order, so every block of the step read
+// the count before the increment.
+struct ScalerInputs {
+  const float* found_inf;  // null: no inf check
+  const float* scale;      // null: the host's inv_grad_scale
+};
+
+// Whether GradScaler skips this step; else `inv_grad_scale` is the reciprocal of its
+// scale, rounded to fp32 once as the host rounds it (unchanged without a scale).
+__device__ __forceinline__ bool step_is_skipped(const ScalerInputs& scaler, float& inv_grad_scale) {
+  if (scaler.found_inf != nullptr && load(scaler.found_inf) != 0.0f) return true;
+  if (scaler.scale != nullptr) {
+    const float scale = load(scaler.scale);
+    inv_grad_scale = static_cast<float>(1.0 / static_cast<double>(scale));
+    const bool usable = scale > 0.0f && isfinite(scale) && isfinite(inv_grad_scale) &&
+                        inv_grad_scale >= 1.17549435e-38f;  // the smallest normal fp32
+    if (!usable) return true;
+  }
+  return false;
+}
+
+// A tensor's stochastic-rounding stream for its count after the increment.
+__device__ __forceinline__ uint64_t rounding_stream_of(const CountedTensorScalars& of_tensor, float step) {
+  return mix64(of_tensor.rounding_key ^ whole_count(step)) + of_tensor.rounding_shift;
 }
 
 // Runs `update(values)` over every element of one chunk. List 0 is the param,
@@ -278,23 +314,36 @@ __device__ __forceinline__ void with_master(float (&v)[kNumLists], const Step& s
   }
 }
 
+// Adam's kernel parameters besides the table: the scalars shared by all tensors, what
+// the bias corrections are derived from, and GradScaler's tensors.
+struct AdamLaunchScalars {
+  AdamScalars shared;
+  double lr, beta1, beta2;
+  ScalerInputs scaler;
+};
+
 template <typename ParamT, typename GradT, typename StateT, typename MasterT, WeightDecay kDecay,
           bool kAmsgrad, bool kMaximize>
 __global__ void __launch_bounds__(kBlockThreads)
     adam_kernel(const __grid_constant__ LaunchTable<num_lists<MasterT, kAmsgrad ? 3 : 2>(),
-                                                    AdamTensorScalars> table,
-                const AdamScalars shared) {
+                                                    CountedTensorScalars> table,
+                const AdamLaunchScalars launch) {
   constexpr int kNumLists = num_lists<MasterT, kAmsgrad ? 3 : 2>();
   using Types = ListTypes<ParamT, GradT, StateT, MasterT, kNumLists>;
   void* pointers[kNumLists];
   int slot;
   int64_t begin;
   const int64_t n = locate_chunk<Types>(table, pointers, slot, begin);
-  const AdamTensorScalars& of_tensor = table.tensor_scalars[slot];
-  AdamScalars scalars = shared;
-  scalars.step_size = of_tensor.step_size;
-  scalars.bias_correction2_sqrt = of_tensor.bias_correction2_sqrt;
-  const ParamRounding rounding{of_tensor.rounding_stream, begin};
+  const CountedTensorScalars& of_tensor = table.tensor_scalars[slot];
+  AdamScalars scalars = launch.shared;
+  if (step_is_skipped(launch.scaler, scalars.inv_grad_scale)) return;
+  const float count = load(of_tensor.counter);
+  if (!is_step_count(count)) return;
+  const float step = count + 1.0f;  // fp32, as the host and torch.optim increment it
+  const BiasCorrections corrections = bias_corrections(launch.lr, launch.beta1, launch.beta2, step);
+  scalars.step_size = corrections.step_size;
+  scalars.bias_correction2_sqrt = corrections.bias_correction2_sqrt;
+  const ParamRounding rounding{rounding_stream_of(of_tensor, step), begin};
   update_chunk<Types, kNumLists, 0u>(pointers, n, rounding, [&](float (&v)[kNumLists]) {
     with_master<Types>(v, [&](float& param) {
       float unused_max = 0.0f;
@@ -304,12 +353,17 @@ __global__ void __launch_bounds__(kBlockThreads)
   });
 }
 
+struct SgdwLaunchScalars {
+  SgdScalars shared;
+  ScalerInputs scaler;
+};
+
 template <typename ParamT, typename GradT, typename StateT, typename MasterT, bool kDecoupledDecay,
           Momentum kMomentum, bool kNesterov, bool kMaximize>
 __global__ void __launch_bounds__(kBlockThreads)
     sgdw_kernel(const __grid_constant__ LaunchTable<
-                    num_lists<MasterT, kMomentum == Momentum::kNone ? 0 : 1>(), SgdwTensorScalars> table,
-                const SgdScalars scalars) {
+                    num_lists<MasterT, kMomentum == Momentum::kNone ? 0 : 1>(), CountedTensorScalars> table,
+                const SgdwLaunchScalars launch) {
   constexpr bool kHasBuffer = kMomentum != Momentum::kNone;
   constexpr int kNumLists = num_lists<MasterT, kHasBuffer ? 1 : 0>();
   using Types = ListTypes<ParamT, GradT, StateT, MasterT, kNumLists>;
@@ -317,7 +371,16 @@ __global__ void __launch_bounds__(kBlockThreads)
   int slot;
   int64_t begin;
   const int64_t n = locate_chunk<Types>(table, pointers, slot, begin);
-  const ParamRounding rounding{table.tensor_scalars[slot].rounding_stream, begin};
+  SgdScalars scalars = launch.shared;
+  if (step_is_skipped(launch.scaler, scalars.inv_grad_scale)) return;
+  const CountedTensorScalars& of_tensor = table.tensor_scalars[slot];
+  uint64_t stream = 0;
+  if (of_tensor.counter != nullptr) {  // counted only to round stochastically
+    const float count = load(of_tensor.counter);
+    if (!is_step_count(count)) return;
+    stream = rounding_stream_of(of_tensor, count + 1.0f);
+  }
+  const ParamRounding rounding{stream, begin};
   // The first step creates the momentum buffer (list 2) from the gradient: it is written only.
   constexpr unsigned kWriteOnlyLists = kMomentum == Momentum::kFirstStep ? 1u << 2 : 0u;
   update_chunk<Types, kNumLists, kWriteOnlyLists>(pointers, n, rounding, [&](float (&v)[kNumLists]) {
@@ -327,6 +390,25 @@ __global__ void __launch_bounds__(kBlockThreads)
           param, v[1], kHasBuffer ? v[2] : unused_buffer, scalars);
     });
   });
+}
+
+// Adds 1 to each counter of a step unless GradScaler skipped it (NOTE: [device step
+// counters]): thread i of the grid owns counter i.
+constexpr int kCounterThreads = 256;
+constexpr int kMaxCounters = (kParamBytes - 256) / static_cast<int>(sizeof(float*));
+struct CounterTable {
+  float* counters[kMaxCounters];
+  int count;
+};
+
+__global__ void __launch_bounds__(kCounterThreads)
+    advance_counters_kernel(const __grid_constant__ CounterTable table, const ScalerInputs scaler) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i >= table.count) return;
+  float unused_inv_grad_scale = 1.0f;
+  if (step_is_skipped(scaler, unused_inv_grad_scale)) return;
+  const float count = load(table.counters[i]);
+  if (is_step_count(count)) store(table.counters[i], count + 1.0f);
 }
 
 template <typename ParamT, typename GradT, typename StateT, bool kWeightDecay, bool kMaximize>
@@ -413,8 +495,8 @@ void refuse_graph_capture(cudaStream_t stream) {
   }
 }
 
-// Puts the step counters back as they were unless commit() is called: they are
-// advanced (on the host) before the launches, and a call that raises must change nothing.
+// Puts Adagrad's and RMSprop's host step counters back as they were unless commit() is
+// called: they are advanced before the launches, and a call that raises must change nothing.
 class StepCounterRollback {
  public:
   explicit StepCounterRollback(const std::vector<uintptr_t>& counters)
@@ -518,23 +600,58 @@ using Plans = std::vector<LaunchPlan>;
 
 }  // namespace
 
+// Each tensor's counter and rounding inputs (NOTE: [device step counters]).
+template <typename Args>
+CountedTensorScalars counted_tensor_scalars(const Args& args, int64_t t) {
+  CountedTensorScalars out{nullptr, 0, 0};
+  if (!args.steps.empty()) out.counter = reinterpret_cast<float*>(args.steps[t]);
+  if (args.stochastic_rounding) {
+    out.rounding_key = mix64(mix64(args.rounding_seed) ^ args.rounding_ids[t]);
+    out.rounding_shift = kGoldenGamma * args.rounding_offsets[t];
+  }
+  return out;
+}
+
+template <typename Args>
+ScalerInputs scaler_inputs(const Args& args) {
+  return ScalerInputs{reinterpret_cast<const float*>(args.found_inf),
+                      reinterpret_cast<const float*>(args.scale)};
+}
+
+// Queues the increment of every counter of a step, after its launches (NOTE: [device
+// step counters]).
+void advance_counters(const std::vector<uintptr_t>& counters, const ScalerInputs& scaler,
+                      cudaStream_t stream) {
+  static_assert(sizeof(CounterTable) <= kParamBytes, "counter table exceeds the kernel parameter space");
+  cudaGetLastError();
+  for (size_t first = 0; first < counters.size(); first += kMaxCounters) {
+    CounterTable table;
+    table.count = static_cast<int>(std::min<size_t>(kMaxCounters, counters.size() - first));
+    for (int i = 0; i < table.count; ++i) table.counters[i] = reinterpret_cast<float*>(counters[first + i]);
+    const unsigned blocks = static_cast<unsigned>((table.count + kCounterThreads - 1) / kCounterThreads);
+    launch_kernel(advance_counters_kernel, blocks, kCounterThreads, stream, table, scaler);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) {
+      throw std::runtime_error(std::string("fusedopt CUDA step counter launch failed after the step's "
+                                           "updates were queued (the counters lag by one): ") +
+                               cudaGetErrorString(status));
+    }
+  }
+}
+
 void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
   const bool has_master = args.master != MasterWeights::kNone;
   const int lists_count = (args.amsgrad ? 5 : 4) + (has_master ? 1 : 0);
   prepare_and_launch(args, lists_count, device, stream, [&](const Plans& plans,
                                                              cudaStream_t cuda_stream) {
-    StepCounterRollback rollback(args.steps);
-    std::vector<uint64_t> rounding_streams;
-    const std::vector<AdamScalars> scalars = advance_adam_steps(args, rounding_streams);
-    const AdamScalars shared = scalars.empty() ? AdamScalars{} : scalars[0];
+    // The bias corrections of step 1 are replaced per tensor in the kernel.
+    const AdamLaunchScalars launch{adam_scalars(args, 1.0f), args.lr, args.beta1, args.beta2,
+                                   scaler_inputs(args)};
     std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads, &args.exp_avgs,
                                                      &args.exp_avg_sqs};
     if (args.amsgrad) lists.push_back(&args.max_exp_avg_sqs);
     if (has_master) lists.push_back(&args.masters);
-    auto tensor_scalars_of = [&](int64_t t) {
-      return AdamTensorScalars{scalars[t].step_size, scalars[t].bias_correction2_sqrt,
-                               rounding_streams.empty() ? 0 : rounding_streams[t]};
-    };
+    auto tensor_scalars_of = [&](int64_t t) { return counted_tensor_scalars(args, t); };
     with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
                    args.stochastic_rounding, [&](auto param, auto grad, auto state, auto master) {
       using P = typename decltype(param)::type;
@@ -544,15 +661,15 @@ void adam_step(const AdamStepArgs& args, int device, uintptr_t stream) {
       with_weight_decay(args.decay, [&](auto decay) {
         with_bool(args.amsgrad, [&](auto amsgrad) {
           with_bool(args.maximize, [&](auto maximize) {
-            launch_all<LaunchTable<num_lists<M, amsgrad.value ? 3 : 2>(), AdamTensorScalars>>(
+            launch_all<LaunchTable<num_lists<M, amsgrad.value ? 3 : 2>(), CountedTensorScalars>>(
                 plans, lists, args.numels,
-                adam_kernel<P, G, S, M, decay.value, amsgrad.value, maximize.value>, shared,
+                adam_kernel<P, G, S, M, decay.value, amsgrad.value, maximize.value>, launch,
                 tensor_scalars_of, cuda_stream);
           });
         });
       });
     });
-    rollback.commit();
+    advance_counters(args.steps, launch.scaler, cuda_stream);
   });
 }
 
@@ -562,15 +679,11 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
   const int lists_count = 2 + (has_buffer ? 1 : 0) + (has_master ? 1 : 0);
   prepare_and_launch(args, lists_count, device, stream, [&](const Plans& plans,
                                                              cudaStream_t cuda_stream) {
-    StepCounterRollback rollback(args.steps);
-    const std::vector<uint64_t> rounding_streams = advance_sgdw_steps(args);
-    const SgdScalars scalars = sgdw_scalars(args);
+    const SgdwLaunchScalars launch{sgdw_scalars(args), scaler_inputs(args)};
     std::vector<const std::vector<uintptr_t>*> lists{&args.params, &args.grads};
     if (has_buffer) lists.push_back(&args.momentum_buffers);
     if (has_master) lists.push_back(&args.masters);
-    auto tensor_scalars_of = [&](int64_t t) {
-      return SgdwTensorScalars{rounding_streams.empty() ? 0 : rounding_streams[t]};
-    };
+    auto tensor_scalars_of = [&](int64_t t) { return counted_tensor_scalars(args, t); };
     with_precision(args.dtype, args.grad_dtype, args.state_dtype, args.master,
                    args.stochastic_rounding, [&](auto param, auto grad, auto state, auto master) {
       using P = typename decltype(param)::type;
@@ -582,16 +695,16 @@ void sgdw_step(const SgdwStepArgs& args, int device, uintptr_t stream) {
           with_bool(args.nesterov, [&](auto nesterov) {
             with_bool(args.maximize, [&](auto maximize) {
               constexpr int kNumLists = num_lists<M, momentum.value == Momentum::kNone ? 0 : 1>();
-              launch_all<LaunchTable<kNumLists, SgdwTensorScalars>>(
+              launch_all<LaunchTable<kNumLists, CountedTensorScalars>>(
                   plans, lists, args.numels,
                   sgdw_kernel<P, G, S, M, decay.value, momentum.value, nesterov.value, maximize.value>,
-                  scalars, tensor_scalars_of, cuda_stream);
+                  launch, tensor_scalars_of, cuda_stream);
             });
           });
         });
       });
     });
-    rollback.commit();
+    advance_counters(args.steps, launch.scaler, cuda_stream);
   });
 }
 

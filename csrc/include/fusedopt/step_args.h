@@ -18,7 +18,9 @@ struct AdamStepArgs {
   std::vector<uintptr_t> exp_avgs;
   std::vector<uintptr_t> exp_avg_sqs;
   std::vector<uintptr_t> max_exp_avg_sqs;  // empty unless amsgrad
-  std::vector<uintptr_t> steps;            // fp32 step counters in host memory, incremented here
+  // fp32 step counters on the params' device: the CPU driver advances them before
+  // its kernels, the CUDA kernels read and advance them (NOTE: [device step counters]).
+  std::vector<uintptr_t> steps;
   std::vector<uintptr_t> masters;          // empty unless master weights (NOTE: [master weights])
   // Stochastic rounding of bf16 params (NOTE: [stochastic rounding]): per tensor, its
   // identity in the optimizer and the index its first element counts as (a DTensor
@@ -34,6 +36,10 @@ struct AdamStepArgs {
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
   double grad_scale = 1;  // GradScaler's scale: the grads are unscaled in the pass
+  // CUDA kernels only: GradScaler's fp32 found_inf and scale in device memory (0: none),
+  // read by the kernels instead of the host; set by the launch check (verify_scaler).
+  uintptr_t found_inf = 0;
+  uintptr_t scale = 0;
   WeightDecay decay = WeightDecay::kNone;
   MasterWeights master = MasterWeights::kNone;
   uint64_t rounding_seed = 0;
@@ -47,8 +53,8 @@ struct SgdwStepArgs {
   std::vector<uintptr_t> grads;
   std::vector<uintptr_t> momentum_buffers;  // empty when momentum == 0
   std::vector<uintptr_t> masters;           // empty unless master weights
-  // Stochastic rounding, as in AdamStepArgs; the step counters (fp32, in host memory,
-  // incremented here) exist only then, to count the rounding's steps.
+  // Stochastic rounding, as in AdamStepArgs; the step counters (as AdamStepArgs's)
+  // exist only then, to count the rounding's steps.
   std::vector<uint64_t> rounding_ids;
   std::vector<uint64_t> rounding_offsets;
   std::vector<uintptr_t> steps;
@@ -59,6 +65,8 @@ struct SgdwStepArgs {
   double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
   double lr_max = 0;  // > 0: decouple_lr, the decoupled decay is (lr / lr_max) * weight_decay
   double grad_scale = 1;  // as in AdamStepArgs
+  uintptr_t found_inf = 0;  // as in AdamStepArgs
+  uintptr_t scale = 0;
   Momentum momentum_mode = Momentum::kNone;  // kFirstStep fills freshly allocated buffers
   MasterWeights master = MasterWeights::kNone;
   uint64_t rounding_seed = 0;
@@ -72,7 +80,7 @@ struct SgdwStepArgs {
 double decoupled_decay_factor(double lr, double lr_max, double weight_decay);
 
 // Per-tensor Adam scalars for the tensor's step count t (after the increment).
-AdamScalars adam_scalars(const AdamStepArgs& args, double step);
+AdamScalars adam_scalars(const AdamStepArgs& args, float step);
 SgdScalars sgdw_scalars(const SgdwStepArgs& args);
 
 // Raise std::invalid_argument unless every pointer list has one entry per tensor
