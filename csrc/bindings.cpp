@@ -240,9 +240,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("reads_exchange", &fusedopt::LaunchCheck::reads_exchange,
                              "Whether it reads tensors through the DLPack C exchange API.")
       .def_property_readonly("failure", &fusedopt::LaunchCheck::failure,
-                             "Why the last verification answered no.");
+                             "Why the last verification answered no.")
+      .def_property_readonly("scaler_refused", &fusedopt::LaunchCheck::scaler_refused,
+                             "Whether the last verification refused GradScaler's tensors.");
   m.def("run_checked", &fusedopt::run_checked, py::arg("items"), py::arg("launched"),
-        "Verifies every (check, args, params, grads, check_state_dicts, target) item, then "
+        "Verifies every (check, args, params, grads, check_state_dicts, target, scaler) item, then "
         "appends True to `launched` and launches all with the GIL released; -1, or the index "
         "of the first item that failed (nothing launched). NOTE: [launch check].");
 

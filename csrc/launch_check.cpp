@@ -641,12 +641,20 @@ bool LaunchCheck::verify_scalar(PyObject* tensor, const char* name, uintptr_t* a
   uintptr_t base = 0;
   uint64_t needed = 0;
   if (!storage_covers(storage, layout, &base, &needed)) return fail(what + " reaches beyond the end of its storage");
+  for (const Planned& planned : planned_) {
+    const Layout& other = planned.layout;
+    const uintptr_t end = other.address + static_cast<uintptr_t>(other.extent * other.element_bytes);
+    if (other.numel > 0 && layout.address < end && other.address < layout.address + sizeof(float)) {
+      return fail(what + " shares memory with a tensor the step writes");
+    }
+  }
   *address = layout.address;
   return true;
 }
 
 template <typename Args>
 bool LaunchCheck::verify_scaler(Args& args, PyObject* scaler, std::vector<py::object>* alive) {
+  scaler_refused_ = scaler != Py_None;  // until verified
   if constexpr (counts_on_params_device<Args>()) {
     args.found_inf = 0;
     args.scale = 0;
@@ -656,8 +664,10 @@ bool LaunchCheck::verify_scaler(Args& args, PyObject* scaler, std::vector<py::ob
     }
     PyObject* const found_inf = PyTuple_GET_ITEM(scaler, 0);
     PyObject* const scale = PyTuple_GET_ITEM(scaler, 1);
-    return (found_inf == Py_None || verify_scalar(found_inf, "found_inf", &args.found_inf, alive)) &&
-           (scale == Py_None || verify_scalar(scale, "scale", &args.scale, alive));
+    scaler_refused_ =
+        !((found_inf == Py_None || verify_scalar(found_inf, "found_inf", &args.found_inf, alive)) &&
+          (scale == Py_None || verify_scalar(scale, "scale", &args.scale, alive)));
+    return !scaler_refused_;
   } else {
     return scaler == Py_None || fail("only Adam and SGDW take GradScaler's tensors");
   }

@@ -105,6 +105,9 @@ class LaunchCheck {
 
   // Why the last verify() answered no ("" when it answered yes).
   const std::string& failure() const { return failure_; }
+  // Whether the last verify_scaler() answered no: the step can still run, with
+  // GradScaler's tensors read on the host.
+  bool scaler_refused() const { return scaler_refused_; }
 
   // True when `params` holds the planned params, every planned tensor is as planned
   // and, when `check_state_dicts`, still held by its param's state dict under its key;
@@ -117,8 +120,10 @@ class LaunchCheck {
 
   // Reads GradScaler's tensors for a CUDA launch (NOTE: [device step counters]):
   // `scaler` is None or a (found_inf, scale) pair, each a one-element float32 tensor
-  // on the params' device or None; points the call's arguments at them, `alive` owns
-  // them. False, with failure(), otherwise.
+  // of plain memory on the params' device, sharing no byte with a planned tensor (the
+  // kernels write those while every block reads found_inf), or None; points the
+  // call's arguments at them, `alive` owns them. False, with failure() and
+  // scaler_refused(), otherwise.
   template <typename Args>
   bool verify_scaler(Args& args, PyObject* scaler, std::vector<py::object>* alive);
 
@@ -176,6 +181,7 @@ class LaunchCheck {
   Py_ssize_t step_key_ = -1;  // where "step" is in state_keys_, or -1
   size_t num_params_ = 0;
   std::string failure_;
+  bool scaler_refused_ = false;
 };
 
 // Verifies every item, then launches all with the GIL released: -1 when all were

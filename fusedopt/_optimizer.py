@@ -71,11 +71,11 @@ class Batch:
                     working[key] is not value for key, value in state.items()):
                 state.update(working)
 
-    def adds_state(self):
-        """Whether committing the step adds state tensors (a first step, master weights
-        or a momentum buffer made now): a step that may be skipped on the device must
-        not, since nothing would be written into them."""
-        return any(tensor is not None and (state is None or state.get(key) is None)
+    def changes_state(self):
+        """Whether committing the step adds or replaces state entries (a first step,
+        master weights, state relaid out or given another dtype): a step that may be
+        skipped on the device must not, since the commit happens whatever it decided."""
+        return any(tensor is not (state.get(key) if state else None)
                    for state, working in zip(self.states, self.working)
                    for key, tensor in working.items())
 
@@ -128,6 +128,9 @@ class FusedOptimizer(Optimizer):
         self._warned = set()
         self._steady_plans = {}  # id(group) -> SteadyPlan
         self._state_snapshot = ([], [])  # self.state's keys and values after the last step
+        # id -> (counter, its version) of the step counters the last step's kernels
+        # advanced: counts only they wrote, which the planning need not read again.
+        self._advanced_counters = {}
         # Re-entrant: a hook or `__float__` that steps this optimizer from inside a
         # step runs its own whole step rather than deadlock.
         self._lock = threading.RLock()
@@ -297,6 +300,9 @@ class FusedOptimizer(Optimizer):
                 break
             group, plan = owners[failed]
             failure = items[failed][0].failure
+            if items[failed][0].scaler_refused:  # e.g. found_inf shares memory with a param
+                scaler.read_on_host = True
+                continue
             self._steady_plans.pop(id(group), None)  # plan the group in full next time
         else:
             raise RuntimeError(
@@ -326,6 +332,17 @@ class FusedOptimizer(Optimizer):
                                for tensor in plan.written])
         _backend.mark_written([tensor for batch in batches if batch.use_kernel
                                for tensor in self._written_tensors(batch)])
+        counters = [counter for _, plan in owners if plan is not None for counter in plan.counters]
+        counters += [state[key] for batch in batches if batch.use_kernel
+                     for state in batch.working for key in self._counters(batch.hyper) if key in state]
+        self._advanced_counters = {id(counter): (counter, counter._version) for counter in counters}
+
+    def _knows_count(self, counter):
+        """Whether the counter holds a count the last step's kernels wrote, untouched
+        since (its version unchanged): the kernels only ever write whole counts, so the
+        planning need not read it, which on CUDA would wait for the GPU."""
+        known = self._advanced_counters.get(id(counter))
+        return known is not None and known[0] is counter and known[1] == counter._version
 
     def _plan(self, scaler):
         """Every group's kernel calls, checked and ready (steady plans, or calls built
@@ -395,7 +412,8 @@ class FusedOptimizer(Optimizer):
             return 1.0, None
         devices = {plan.device for _, plan, _, _ in steady}
         devices |= {batch.kernel_params[0].device for batch in batches}
-        if len(devices) == 1 and all(batch.use_kernel and not self._adds_state(batch) for batch in batches):
+        if (not scaler.read_on_host and len(devices) == 1
+                and all(batch.use_kernel and not self._changes_state(batch) for batch in batches)):
             device = devices.pop()
             tensors = scaler.kernel_tensors(device)
             if tensors is not None and _backend.launch_target(device)[0] != "cpu":
@@ -405,9 +423,10 @@ class FusedOptimizer(Optimizer):
             raise _SkippedStep
         return scale, None
 
-    def _adds_state(self, batch):
-        """Whether stepping the batch adds state tensors, those its kernel calls make included."""
-        return batch.adds_state()
+    def _changes_state(self, batch):
+        """Whether stepping the batch adds or replaces state entries, including those its
+        kernel calls make."""
+        return batch.changes_state()
 
     def _written_tensors(self, batch):
         """The tensors a kernel call on `batch` changes in place (DTensors and their shards)."""
@@ -496,7 +515,9 @@ class FusedOptimizer(Optimizer):
                 _backend.check_state(param, tensor, key, where, exact)
         for key in counter_keys:
             if key in state:
-                _backend.check_step(state[key], where, self._counter_device(param))
+                counter = state[key]
+                _backend.check_step(counter, where, self._counter_device(param),
+                                    read_count=counter.device.type == "cpu" or not self._knows_count(counter))
 
     def _check_distinct_memory(self, batches, steady_plans):
         """Refuses a step in which one param appears twice, or two written tensors
@@ -788,9 +809,10 @@ class ScalerInputs:
     """GradScaler's scale and inf flag for one step (one-element tensors, either may be
     None), read by the CUDA kernels in device memory or once on the host."""
 
-    __slots__ = ("grad_scale", "found_inf")
+    __slots__ = ("grad_scale", "found_inf", "read_on_host")
 
     def __init__(self, grad_scale, found_inf):
+        self.read_on_host = False  # set when the launch check refuses them to the kernels
         for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf)):
             if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.numel() != 1):
                 raise ValueError(f"{name} is a one-element tensor (as GradScaler passes it), got {tensor!r}")
@@ -891,7 +913,7 @@ class SteadyPlan:
     """
 
     __slots__ = ("state_keys", "state_dtype", "rounding", "backend", "device", "check", "args", "written",
-                 "ranges", "params", "shards")
+                 "counters", "ranges", "params", "shards")
 
     @classmethod
     def try_build(cls, optimizer, group, batches):
@@ -930,6 +952,7 @@ class SteadyPlan:
                            for kernel_param, state, tensors, local_states
                            in zip(batch.kernel_params, states, state_tensors, shards)]
         written = list(params) + [tensor for tensors in state_tensors for tensor in tensors]
+        plan.counters = [state[key] for state in states for key in optimizer._counters(batch.hyper)]
         plan.written = written + [_backend.local(t) for t in written if _backend.is_dtensor(t)]
         names = [batch.describe(i) for i in range(len(params))]
         plan.ranges = [_backend.memory_range(p, name) for p, name in zip(params, names)] + [

@@ -136,9 +136,9 @@ class SGDW(FusedOptimizer):
             if indices
         ]
 
-    def _adds_state(self, batch):
+    def _changes_state(self, batch):
         # _kernel_calls makes the momentum buffers of a first step
-        return super()._adds_state(batch) or (batch.hyper["momentum"] != 0 and any(
+        return super()._changes_state(batch) or (batch.hyper["momentum"] != 0 and any(
             state.get("momentum_buffer") is None for state in batch.working))
 
     def _make_args(self, batch, indices, buffers, momentum_mode):

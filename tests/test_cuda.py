@@ -270,3 +270,20 @@ def test_grad_scaler_steps_on_cuda_never_wait_for_the_gpu(make):
     if isinstance(ours, fusedopt.AdamW):
         assert all(state["step"].device.type == "cuda" and state["step"].item() == 7
                    for state in ours.state.values())
+
+
+def test_a_group_planned_in_full_every_step_does_not_read_the_counters_again():
+    """A param without grad keeps its group off the steady path, so every step plans it
+    in full; the counts the last step's kernels wrote are known and not read back
+    (each read would wait for the GPU)."""
+    params = [torch.nn.Parameter(torch.randn(4096, device="cuda")) for _ in range(3)]
+    optimizer = fusedopt.AdamW(params, lr=1e-2, backend="kernel")
+    for step in range(4):
+        for param in params[:2]:
+            param.grad = torch.randn(4096, device="cuda")
+        torch.cuda.set_sync_debug_mode("error" if step > 1 else "default")
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert [optimizer.state[p]["step"].item() for p in params[:2]] == [4.0, 4.0]

@@ -259,3 +259,91 @@ def test_a_skipped_first_step_on_cuda_leaves_no_state(name, emulated_cuda, monke
     optimizer.step(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0))
     assert len(reads) == 1 and emulated_cuda.calls == 0 and not optimizer.state
     assert_bitwise_equal([p.detach() for p in params], before)
+
+
+def stepped_once_then(make, emulated_cuda, size=256):  # noqa: F811
+    """A param stepped once under emulated CUDA (the state exists), with a new grad."""
+    torch.manual_seed(76)
+    param = torch.nn.Parameter(torch.randn(size).to(torch.bfloat16))
+    optimizer = make([param])
+    param.grad = torch.randn(size).to(torch.bfloat16)
+    optimizer.step()
+    param.grad = torch.randn(size).to(torch.bfloat16)
+    return param, optimizer
+
+
+def test_a_step_that_converts_state_reads_found_inf_on_the_host(emulated_cuda, monkeypatch):  # noqa: F811
+    """Planning may replace state entries (the group's state_dtype changed: the fp32
+    moments are converted). The commit follows the kernels whatever they decide, so
+    such a step decides on the host: a skipped one leaves the fp32 moments as they were."""
+    reads = host_reads_counted(monkeypatch)
+    param, optimizer = stepped_once_then(
+        lambda p: fusedopt.AdamW(p, lr=1e-2, state_dtype=torch.float32, backend="kernel"), emulated_cuda)
+    saved = {key: value.clone() for key, value in optimizer.state[param].items()}
+    optimizer.param_groups[0]["state_dtype"] = None
+    optimizer.step(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))
+    assert len(reads) == 1
+    state = optimizer.state[param]
+    assert all(state[key].dtype == saved[key].dtype and torch.equal(state[key], saved[key]) for key in saved)
+
+
+def scaler_run(emulated, monkeypatch, make_scaler_tensors, emulated_cuda=None):
+    """Two steps of AdamW, the second under GradScaler tensors made from the param."""
+    if not emulated:
+        monkeypatch.undo()
+    torch.manual_seed(77)
+    param = torch.nn.Parameter(torch.randn(300))
+    optimizer = fusedopt.AdamW([param], lr=1e-1, backend="kernel")
+    param.grad = torch.randn(300)
+    optimizer.step()
+    with torch.no_grad():
+        param[0] = 0.0
+        param[1] = 2.0
+    param.grad = torch.randn(300) * 2.0
+    found_inf, scale = make_scaler_tensors(param)
+    optimizer.step(grad_scale=scale, found_inf=found_inf)
+    return param.detach().clone(), optimizer.state[param]["step"].item()
+
+
+MISALIGNED = bytearray(8)  # a float32 zero at byte 1 of it is misaligned
+
+
+@pytest.mark.parametrize("make_scaler_tensors", [
+    lambda p: (p.detach()[0], None),  # found_inf in the param's memory: the step writes it
+    lambda p: (torch.tensor(0.0), p.detach()[1]),  # the scale too
+    lambda p: (torch._neg_view(torch.tensor(-0.0)), torch.tensor(2.0)),  # a lazily negated view
+    lambda p: (torch.frombuffer(MISALIGNED, dtype=torch.float32, offset=1, count=1)[0], torch.tensor(2.0)),
+], ids=["found_inf-in-param", "scale-in-param", "negated-view", "misaligned"])
+def test_scaler_tensors_the_kernels_cannot_read_safely_are_read_on_the_host(
+        make_scaler_tensors, emulated_cuda, monkeypatch):  # noqa: F811
+    """The launch check refuses GradScaler's tensors to the kernels where reading them
+    in device memory would be unsafe (memory the step writes, where every block reads
+    found_inf while others write it) or wrong (a lazily negated view, a misaligned
+    word); the step then reads them on the host and runs as on the CPU, bit for bit."""
+    reads = host_reads_counted(monkeypatch)
+    cuda = scaler_run(True, monkeypatch, make_scaler_tensors)
+    assert len(reads) == 1  # the refused tensors', read on the host
+    cpu = scaler_run(False, monkeypatch, make_scaler_tensors)
+    assert torch.equal(cuda[0], cpu[0]) and cuda[1] == cpu[1] == 2.0
+
+
+def test_the_planning_reads_no_count_the_last_steps_kernels_wrote(emulated_cuda):  # noqa: F811
+    """A group planned in full at every step (a param without grad keeps it off the
+    steady path) would read each device counter every step, a wait for the GPU each:
+    counts the kernels wrote and nothing changed since are known; a counter changed in
+    place (its version moves) or replaced is read and checked again."""
+    params = [torch.nn.Parameter(torch.randn(40)) for _ in range(3)]
+    optimizer = fusedopt.AdamW(params, lr=1e-2, backend="kernel")
+    for step in range(2):
+        for param in params[:2]:
+            param.grad = torch.randn(40)
+        optimizer.step()
+    counters = [optimizer.state[p]["step"] for p in params[:2]]
+    assert all(map(optimizer._knows_count, counters))
+    counters[0].fill_(-1.0)
+    optimizer.state[params[1]]["step"] = torch.tensor(2.0)
+    assert not optimizer._knows_count(counters[0])
+    assert not optimizer._knows_count(optimizer.state[params[1]]["step"])
+    with pytest.raises(ValueError, match="state 'step' of param 0 of param group 0 is -1.0"):
+        optimizer._check_existing_state(params[0], optimizer.state[params[0]], ("exp_avg", "exp_avg_sq"),
+                                        ("step",), "param 0 of param group 0")
