@@ -702,6 +702,7 @@ template <typename Args>
 bool LaunchCheck::verify(Args& args, PyObject* params, PyObject* grads, bool check_state_dicts,
                          std::vector<py::object>* alive) {
   failure_.clear();
+  scaler_refused_ = false;
   const size_t n = num_params_;
   const size_t num_keys = static_cast<size_t>(PyTuple_GET_SIZE(state_keys_.ptr()));
   if (!PyList_Check(params) || static_cast<size_t>(PyList_GET_SIZE(params)) != n) {

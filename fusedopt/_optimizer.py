@@ -129,8 +129,10 @@ class FusedOptimizer(Optimizer):
         self._steady_plans = {}  # id(group) -> SteadyPlan
         self._state_snapshot = ([], [])  # self.state's keys and values after the last step
         # id -> (counter, its version) of the step counters the last step's kernels
-        # advanced: counts only they wrote, which the planning need not read again.
+        # advanced from a count known to be one: the planning need not read them again.
         self._advanced_counters = {}
+        # id -> counter: the counters this step's planning read and checked, or made
+        self._checked_counters = {}
         # Re-entrant: a hook or `__float__` that steps this optimizer from inside a
         # step runs its own whole step rather than deadlock.
         self._lock = threading.RLock()
@@ -160,7 +162,9 @@ class FusedOptimizer(Optimizer):
     def _new_counters(self, params):
         """A zero step counter for each param, where _counter_device puts it; made on the
         device, so that no host-to-device copy waits for the GPU."""
-        return [torch.zeros((), dtype=torch.float32, device=self._counter_device(param)) for param in params]
+        counters = [torch.zeros((), dtype=torch.float32, device=self._counter_device(param)) for param in params]
+        self._checked_counters.update((id(counter), counter) for counter in counters)
+        return counters
 
     def _counters(self, hyper):
         """The counter keys of a step with hyperparameters `hyper` (SGDW counts steps
@@ -300,7 +304,7 @@ class FusedOptimizer(Optimizer):
                 break
             group, plan = owners[failed]
             failure = items[failed][0].failure
-            if items[failed][0].scaler_refused:  # e.g. found_inf shares memory with a param
+            if scaler is not None and items[failed][0].scaler_refused:  # e.g. found_inf in a param
                 scaler.read_on_host = True
                 continue
             self._steady_plans.pop(id(group), None)  # plan the group in full next time
@@ -325,6 +329,14 @@ class FusedOptimizer(Optimizer):
     def _after_launch(self, owners, batches):
         """Commits the launched batches' new state and bumps the versions of what the
         kernels wrote, as torch's in-place ops do."""
+        counters = [counter for _, plan in owners if plan is not None for counter in plan.counters]
+        counters += [state[key] for batch in batches if batch.use_kernel
+                     for state in batch.working for key in self._counters(batch.hyper) if key in state]
+        # Counts this launch advanced from a count: one the last launch advanced, unchanged
+        # since, or one the planning read. A counter changed in place before a steady step
+        # is neither: the kernels left it (and its tensor) alone, and it is read next time.
+        advanced = [counter for counter in counters
+                    if self._knows_count(counter) or self._checked_counters.get(id(counter)) is counter]
         for batch in batches:
             if batch.use_kernel:
                 batch.commit(self)
@@ -332,23 +344,24 @@ class FusedOptimizer(Optimizer):
                                for tensor in plan.written])
         _backend.mark_written([tensor for batch in batches if batch.use_kernel
                                for tensor in self._written_tensors(batch)])
-        counters = [counter for _, plan in owners if plan is not None for counter in plan.counters]
-        counters += [state[key] for batch in batches if batch.use_kernel
-                     for state in batch.working for key in self._counters(batch.hyper) if key in state]
-        self._advanced_counters = {id(counter): (counter, counter._version) for counter in counters}
+        self._advanced_counters = {id(counter): (counter, counter._version) for counter in advanced
+                                   if not counter.is_inference()}
 
     def _knows_count(self, counter):
-        """Whether the counter holds a count the last step's kernels wrote, untouched
-        since (its version unchanged): the kernels only ever write whole counts, so the
-        planning need not read it, which on CUDA would wait for the GPU."""
+        """Whether the counter holds a count the last step's kernels advanced from a
+        count, untouched since (its version unchanged; inference tensors have none): the
+        kernels only ever write whole counts, so the planning need not read it, which
+        on CUDA would wait for the GPU."""
         known = self._advanced_counters.get(id(counter))
-        return known is not None and known[0] is counter and known[1] == counter._version
+        return (known is not None and known[0] is counter and not counter.is_inference()
+                and known[1] == counter._version)
 
     def _plan(self, scaler):
         """Every group's kernel calls, checked and ready (steady plans, or calls built
         from the full planning), and the batches of the fully planned groups. Writes
         nothing: new state lives in the batches' working states. Raises _SkippedStep
         where GradScaler's found_inf, read on the host, skips the step."""
+        self._checked_counters = {}
         items = []  # run_checked's (check, args, params, grads, check_state_dicts, target, scaler)
         owners = []  # per item: (group, its steady plan or None)
         batches = []
@@ -516,8 +529,10 @@ class FusedOptimizer(Optimizer):
         for key in counter_keys:
             if key in state:
                 counter = state[key]
-                _backend.check_step(counter, where, self._counter_device(param),
-                                    read_count=counter.device.type == "cpu" or not self._knows_count(counter))
+                read = counter.device.type == "cpu" or not self._knows_count(counter)
+                _backend.check_step(counter, where, self._counter_device(param), read_count=read)
+                if read:
+                    self._checked_counters[id(counter)] = counter
 
     def _check_distinct_memory(self, batches, steady_plans):
         """Refuses a step in which one param appears twice, or two written tensors

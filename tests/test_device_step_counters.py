@@ -6,6 +6,7 @@ Tolerance rule: the emulated CUDA kernels and the CPU kernels give the same bits
 (NOTE: [bitwise parity]); the bias corrections come from step_count.h's `power`,
 which fusedopt.reference mirrors, so no libm pow is involved anywhere.
 """
+import contextlib
 import math
 import random
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import fusedopt
 from fusedopt import _backend, reference
 from emulated_cuda import COUNTERS_PER_LAUNCH, EmulatedCuda, emulated, host_args
 
@@ -184,3 +186,58 @@ def test_the_cpu_kernels_take_no_scaler_tensors():
     check, args, param, grad, scaler = checked_adam_call((torch.tensor(0.0), torch.tensor(2.0)))
     with pytest.raises(ValueError, match="GradScaler's tensors go to CUDA kernels only"):
         C.run_checked([(check, args, [param], [grad], False, ("cpu", 1), scaler)], [])
+
+
+def test_a_counter_changed_before_a_steady_step_is_read_again():
+    """On CUDA neither a steady step's launch check nor the kernels report a counter set
+    in place to no count: the kernels leave its tensor alone. Such a counter (here set
+    between the launch check and the kernels, where CUDA would first read it) is not
+    taken for one the kernels advanced: the next full planning reads it and names it."""
+    params = [torch.nn.Parameter(torch.randn(64)) for _ in range(2)]
+    optimizer = fusedopt.Adam(params, lr=1e-2, backend="kernel")
+    runner = EmulatedCuda()
+    for _ in range(2):
+        for param in params:
+            param.grad = torch.randn(64)
+        with emulated_launches(lambda device: ("hook", runner.launch)):
+            optimizer.step()
+    counter = optimizer.state[params[0]]["step"]
+
+    def launch_after_a_user_write(kernel, args):  # unchecked: param 0's elements stay untouched
+        counter.fill_(-1.0)
+        getattr(emulated, kernel)(args, 0, 0)
+
+    before = params[0].detach().clone()
+    with emulated_launches(lambda device: ("hook", launch_after_a_user_write)):
+        optimizer.step()
+    assert torch.equal(params[0].detach(), before) and not optimizer._knows_count(counter)
+    params[1].grad = None  # the next step plans the group in full
+    with pytest.raises(ValueError, match="state 'step' of param 0 of param group 0 is -1.0"):
+        with emulated_launches(lambda device: ("hook", runner.launch)):
+            optimizer.step()
+
+
+@contextlib.contextmanager
+def emulated_launches(target):
+    real = _backend.launch_target
+    _backend.launch_target = target
+    try:
+        yield
+    finally:
+        _backend.launch_target = real
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGDW"])
+def test_counters_made_under_inference_mode_step_like_any(name):
+    """Counters made in torch.inference_mode() are inference tensors, without a version:
+    every step, in the mode and after it, steps once and raises nothing."""
+    param = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
+    options = dict(momentum=0.9, stochastic_rounding=True) if name == "SGDW" else {}
+    optimizer = getattr(fusedopt, name)([param], lr=1e-2, backend="kernel", **options)
+    for step, inference in enumerate([True, False, False]):
+        param.grad = torch.randn(8).to(torch.bfloat16)
+        before = param.detach().clone()
+        with torch.inference_mode(inference):
+            optimizer.step()
+        assert not torch.equal(param.detach(), before)
+        assert optimizer.state[param]["step"].item() == step + 1

@@ -347,3 +347,26 @@ def test_the_planning_reads_no_count_the_last_steps_kernels_wrote(emulated_cuda)
     with pytest.raises(ValueError, match="state 'step' of param 0 of param group 0 is -1.0"):
         optimizer._check_existing_state(params[0], optimizer.state[params[0]], ("exp_avg", "exp_avg_sq"),
                                         ("step",), "param 0 of param group 0")
+
+
+@pytest.mark.parametrize("later_scaler", [False, True], ids=["plain", "scaled"])
+def test_a_refusal_of_scaler_tensors_is_not_remembered_by_the_steady_plan(
+        later_scaler, emulated_cuda):  # noqa: F811
+    """A step whose found_inf the launch check refused (it lies in a param) and which
+    then skipped leaves nothing behind: a later ordinary change (a param without grad)
+    plans the group in full, as without that step."""
+    params = [torch.nn.Parameter(torch.randn(64)) for _ in range(2)]
+    optimizer = fusedopt.Adam(params, lr=1e-2, backend="kernel")
+    for _ in range(2):
+        for param in params:
+            param.grad = torch.randn(64)
+        optimizer.step()
+    with torch.no_grad():
+        params[0][0] = 1.0
+    optimizer.step(found_inf=params[0].detach()[0])  # refused to the kernels; skips
+    params[1].grad = None
+    before = params[0].detach().clone()
+    kwargs = dict(found_inf=torch.tensor(0.0), grad_scale=torch.tensor(1.0)) if later_scaler else {}
+    optimizer.step(**kwargs)
+    assert not torch.equal(params[0].detach(), before)
+    assert [optimizer.state[p]["step"].item() for p in params] == [3.0, 2.0]
